@@ -1,0 +1,38 @@
+# One command each: `make run`, `make test`, `make lint`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+CONFIG ?= throttled.dev.toml
+
+.PHONY: run test lint fmt venv demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: venv
+	$(BIN)/throttled migrate --config $(CONFIG)
+	$(BIN)/throttled serve --config $(CONFIG)
+
+demo: venv
+	$(BIN)/throttled demo --config $(CONFIG)
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check throttled tests bench
+	$(BIN)/ruff format --check throttled tests bench
+	$(BIN)/mypy
+
+fmt: venv
+	$(BIN)/ruff check --fix throttled tests bench
+	$(BIN)/ruff format throttled tests bench
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache

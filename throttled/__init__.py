@@ -1,0 +1,1 @@
+"""throttled: a rate-limiting buffer for HubSpot custom workflow actions."""

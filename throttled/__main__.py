@@ -1,0 +1,5 @@
+import sys
+
+from throttled.cli import main
+
+sys.exit(main())

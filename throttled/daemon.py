@@ -1,0 +1,320 @@
+"""The daemon: opens every resource in one place, runs the loops in a TaskGroup, stops in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from throttled import crypto, rates
+from throttled.config import Config, ConfigError
+from throttled.db import migrate
+from throttled.db.embedded import embedded_database
+from throttled.db.repository import DatabaseError, Repository
+from throttled.hubspot.client import HubSpotClient
+from throttled.hubspot.fake import FakeHubSpot
+from throttled.ingest import Ingest
+from throttled.intake import Intake
+from throttled.metrics import INGEST_PENDING, SENDER_HELD
+from throttled.scheduler import Scheduler
+from throttled.sender import Dispatcher, _wait
+from throttled.tokens import Tokens
+from throttled.web.app import Services, make_app
+
+log = structlog.get_logger(__name__)
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says what to do."""
+
+
+@dataclass(eq=False, kw_only=True)
+class Runtime:
+    """The running daemon's parts, for tests, the demo and benchmarks."""
+
+    config: Config
+    port: int
+    repo: Repository
+    scheduler: Scheduler
+    dispatcher: Dispatcher
+    ingest: Ingest
+    services: Services
+    fake: FakeHubSpot | None
+    api_base_url: str
+
+    @property
+    def url(self) -> str:
+        """The daemon's base URL."""
+        return f"http://{self.config.server.host}:{self.port}"
+
+
+@contextlib.asynccontextmanager
+async def database_url(config: Config) -> AsyncIterator[str]:
+    """The configured URL, or an embedded PostgreSQL under `database.data_dir`."""
+    url = config.database.url.reveal()
+    if url:
+        yield url
+        return
+    async with embedded_database(config.database.data_dir) as embedded:
+        yield embedded
+
+
+def keyring_for(config: Config) -> crypto.KeyRing:
+    """The token key ring; in mock mode a development key is kept under the data dir."""
+    primary = config.security.encryption_key.reveal()
+    previous = [k.reveal() for k in config.security.previous_encryption_keys]
+    if not primary and config.hubspot.mock:
+        primary = _dev_key(Path(config.database.data_dir))
+    if not primary:
+        raise StartupError(
+            "security.encryption_key (or ENCRYPTION_KEY) is required; "
+            "generate one with: python -c 'import secrets,base64;"
+            "print(base64.b64encode(secrets.token_bytes(32)).decode())'"
+        )
+    try:
+        return crypto.KeyRing.from_texts(primary, previous)
+    except crypto.CryptoError as exc:
+        raise StartupError(f"security.encryption_key: {exc}") from None
+
+
+def _dev_key(data_dir: Path) -> str:
+    path = data_dir / "dev-encryption.key"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(crypto.generate_key())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+async def check_migrations(config: Config, url: str) -> None:
+    """Refuse to start on a schema that is behind, unless auto-migrate is on."""
+    pending = await asyncio.to_thread(migrate.pending, url)
+    if not pending:
+        return
+    if config.database.auto_migrate:
+        applied = await asyncio.to_thread(migrate.apply, url)
+        log.info("migrations_applied", ids=applied)
+        return
+    raise StartupError(
+        f"{len(pending)} database migration(s) pending ({', '.join(pending)}); "
+        f"run: throttled migrate --config {config.source}"
+    )
+
+
+async def serve(
+    config: Config,
+    *,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[Runtime], None] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Run until `stop` is set, then shut down gracefully within the shutdown timeout."""
+    stop = stop or asyncio.Event()
+    keyring = keyring_for(config)
+    async with contextlib.AsyncExitStack() as stack:
+        url = await stack.enter_async_context(database_url(config))
+        await check_migrations(config, url)
+        repo = await stack.enter_async_context(
+            Repository.open(
+                url,
+                min_size=config.database.pool_min,
+                max_size=config.database.pool_max,
+                timeout=config.database.connect_timeout_s,
+            )
+        )
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+        )
+        fake, api_base = await _hubspot(config, stack)
+        runtime = await _assemble(config, repo, session, keyring, fake, api_base, clock)
+        runner = web.AppRunner(make_app(runtime.services), access_log=None, handle_signals=False)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
+        await site.start()
+        runtime.port = _bound_port(runner, config.server.port)
+        await _run(runtime, stop, on_ready)
+
+
+async def _hubspot(
+    config: Config, stack: contextlib.AsyncExitStack
+) -> tuple[FakeHubSpot | None, str]:
+    if not config.hubspot.mock:
+        return None, config.hubspot.api_base_url
+    fake = FakeHubSpot(
+        client_id=config.hubspot.client_id or "mock-client-id",
+        client_secret=config.hubspot.client_secret.reveal() or "mock-client-secret",
+        accept_any_refresh_token=True,
+    )
+    base = await fake.start()
+    stack.push_async_callback(fake.close)
+    log.info("mock_hubspot_started", url=base)
+    return fake, base
+
+
+async def _assemble(
+    config: Config,
+    repo: Repository,
+    session: aiohttp.ClientSession,
+    keyring: crypto.KeyRing,
+    fake: FakeHubSpot | None,
+    api_base: str,
+    clock: Callable[[], float],
+) -> Runtime:
+    hs = config.hubspot
+    client = HubSpotClient(
+        session,
+        api_base_url=api_base,
+        client_id=hs.client_id or ("mock-client-id" if fake else ""),
+        client_secret=hs.client_secret.reveal() or ("mock-client-secret" if fake else ""),
+        timeout_s=hs.request_timeout_s,
+        batch_complete_path=hs.batch_complete_path,
+        token_path=hs.token_path,
+        send_typed_outputs=hs.send_typed_outputs,
+    )
+    tokens = Tokens(
+        repo,
+        client,
+        keyring,
+        margin_s=hs.token_refresh_margin_s,
+        clock=clock,
+        mock_refresh_token=(lambda p: f"mock-refresh-{p}") if fake else None,
+    )
+    dispatcher = Dispatcher(
+        repo=repo, client=client, tokens=tokens, config=config.sender, clock=clock
+    )
+    scheduler = Scheduler(repo, dispatcher, clock=clock, lookahead_s=config.sender.lookahead_s)
+    await scheduler.recover()
+    configs = await repo.action_configs()
+    intake = Intake(
+        defaults=config.default_policy_spec(),
+        block_expiration_s=config.block_expiration_s(),
+        action_configs={
+            k: rates.spec_from_mapping(v, where=f"action_configs[{k}]") for k, v in configs.items()
+        },
+        clock=clock,
+    )
+    ingest = Ingest(
+        repo,
+        batch_max=config.ingest.batch_max,
+        max_pending=config.ingest.max_pending,
+        flushers=config.ingest.flushers,
+        linger_s=config.ingest.linger_ms / 1000,
+        on_stored=scheduler.notify,
+    )
+    secrets = tuple(
+        s.reveal() for s in (hs.client_secret, *hs.previous_client_secrets) if s.reveal()
+    )
+    if not secrets:
+        raise StartupError("hubspot.client_secret (or HUBSPOT_CLIENT_SECRET) is required")
+    services = Services(
+        config=config,
+        repo=repo,
+        ingest=ingest,
+        intake=intake,
+        secrets=secrets,
+        expiration=hs.block_expiration,
+    )
+    INGEST_PENDING.read = lambda: float(ingest.pending)
+    SENDER_HELD.read = lambda: float(dispatcher.held)
+    return Runtime(
+        config=config,
+        port=0,
+        repo=repo,
+        scheduler=scheduler,
+        dispatcher=dispatcher,
+        ingest=ingest,
+        services=services,
+        fake=fake,
+        api_base_url=api_base,
+    )
+
+
+def _bound_port(runner: web.AppRunner, configured: int) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return configured
+
+
+async def _run(
+    runtime: Runtime, stop: asyncio.Event, on_ready: Callable[[Runtime], None] | None
+) -> None:
+    ingest_stop, send_stop, writer_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    config = runtime.config
+    async with asyncio.TaskGroup() as tg:
+        ingest_task = tg.create_task(runtime.ingest.run(ingest_stop), name="ingest")
+        tg.create_task(runtime.scheduler.run(send_stop), name="scheduler")
+        send_task = tg.create_task(
+            runtime.dispatcher.run(send_stop, writer_stop), name="dispatcher"
+        )
+        tg.create_task(maintenance(runtime, send_stop), name="maintenance")
+        log.info("throttled_ready", url=runtime.url, pid=os.getpid(), mock=config.hubspot.mock)
+        if on_ready is not None:
+            on_ready(runtime)
+        await stop.wait()
+        log.info("shutdown_started")
+        runtime.services.stopping = True
+        try:
+            async with asyncio.timeout(config.server.shutdown_timeout_s):
+                ingest_stop.set()
+                await asyncio.wait([ingest_task])
+                send_stop.set()
+                writer_stop.set()
+                await asyncio.wait([send_task])
+        except TimeoutError:
+            log.error("shutdown_timeout", timeout_s=config.server.shutdown_timeout_s)
+            send_stop.set()
+            writer_stop.set()
+    log.info("shutdown_complete")
+
+
+async def maintenance(runtime: Runtime, stop: asyncio.Event) -> None:
+    """Expire pending rows past their deadline; retention; prune the rate log."""
+    retention = runtime.config.retention
+    while not stop.is_set():
+        await _wait(stop, min(5.0, retention.interval_s))
+        if stop.is_set():
+            return
+        try:
+            await _maintain_once(runtime)
+        except DatabaseError as exc:
+            log.warning("maintenance_failed", error=str(exc))
+
+
+async def _maintain_once(runtime: Runtime) -> None:
+    repo, retention = runtime.repo, runtime.config.retention
+    expired = await repo.expire_due(retention.batch_size)
+    if expired:
+        log.warning("actions_expired", count=len(expired), queues=len(set(expired)))
+    now = datetime.now(UTC)
+    deleted = await repo.delete_finished(
+        now - timedelta(days=retention.done_days),
+        now - timedelta(days=retention.failed_days),
+        retention.batch_size,
+    )
+    if deleted:
+        log.info("retention_deleted", rows=deleted)
+    longest = max(
+        (q.limiter.policy.period_s for q in runtime.scheduler.queues.values()), default=86400.0
+    )
+    await repo.prune_sends(now - timedelta(seconds=max(longest, 86400.0)))
+
+
+def load_checked(path: str | None) -> Config:
+    """Load the config, turning errors into StartupError."""
+    from throttled import config as config_module
+
+    try:
+        return config_module.load(path)
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from None

@@ -1,0 +1,188 @@
+"""Every SQL statement throttled issues, in one place. Parameters are `$n` (asyncpg)."""
+
+# -- intake ---------------------------------------------------------------------------------
+
+UPSERT_QUEUES = """
+INSERT INTO queues (key, portal_id, policy)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[])
+ON CONFLICT (key) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()
+RETURNING id, key, override
+"""
+
+INSERT_ACTIONS = """
+INSERT INTO actions (callback_id, queue_id, portal_id, priority, deadline,
+                     workflow_id, object_type, object_id, input_fields)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::int[], $5::timestamptz[],
+                     $6::bigint[], $7::text[], $8::text[], $9::jsonb[])
+ON CONFLICT (callback_id) DO NOTHING
+"""
+
+# -- scheduling -----------------------------------------------------------------------------
+
+# Queues due at the same moment claim together: one statement, one LATERAL pick per queue.
+CLAIM = """
+WITH req AS (
+    SELECT * FROM unnest($1::bigint[], $2::int[]) AS r(queue_id, lim)
+), picked AS (
+    SELECT p.id
+    FROM req, LATERAL (
+        SELECT a.id FROM actions a
+        WHERE a.queue_id = req.queue_id AND a.state = 'pending'
+          AND (a.not_before IS NULL OR a.not_before <= now())
+          AND a.deadline > now()
+        ORDER BY a.priority DESC, a.id
+        LIMIT req.lim
+        FOR UPDATE SKIP LOCKED
+    ) p
+)
+UPDATE actions a SET state = 'claimed', claimed_at = now()
+FROM picked WHERE a.id = picked.id
+RETURNING a.id, a.callback_id, a.queue_id, a.portal_id, a.priority, a.deadline,
+          a.attempts, a.failures, a.split_group
+"""
+
+# When each queue's earliest held-back row becomes claimable (retry backoff), for queues
+# whose claim came back short.
+NEXT_NOT_BEFORE = """
+SELECT queue_id, min(not_before) AS at
+FROM actions
+WHERE queue_id = ANY($1::bigint[]) AND state = 'pending' AND not_before > now()
+GROUP BY queue_id
+"""
+
+ACTIVE_QUEUES = """
+SELECT q.id, q.key, q.portal_id, q.policy, q.override
+FROM queues q
+WHERE EXISTS (SELECT 1 FROM actions a WHERE a.queue_id = q.id AND a.state = 'pending')
+"""
+
+GET_QUEUES = """
+SELECT id, key, portal_id, policy, override FROM queues WHERE id = ANY($1::bigint[])
+"""
+
+# -- results --------------------------------------------------------------------------------
+
+MARK_DONE = """
+UPDATE actions a
+SET state = 'done', completed_at = now(), sent_at = x.sent_at, last_error = NULL,
+    attempts = a.attempts + 1, failures = 0
+FROM unnest($1::bigint[], $2::timestamptz[]) AS x(id, sent_at)
+WHERE a.id = x.id AND a.state = 'claimed'
+"""
+
+MARK_RETRY = """
+UPDATE actions a
+SET state = 'pending', not_before = x.not_before, last_error = x.error,
+    attempts = a.attempts + x.counted, failures = CASE WHEN x.counted = 1
+        THEN a.failures + 1 ELSE a.failures END,
+    split_group = x.split_group
+FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::int[], $5::bigint[])
+     AS x(id, not_before, error, counted, split_group)
+WHERE a.id = x.id AND a.state = 'claimed'
+"""
+
+MARK_FAILED = """
+UPDATE actions a
+SET state = 'failed', completed_at = now(), last_error = x.error,
+    attempts = a.attempts + 1, sent_at = COALESCE(x.sent_at, a.sent_at)
+FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS x(id, error, sent_at)
+WHERE a.id = x.id AND a.state = 'claimed'
+"""
+
+MARK_EXPIRED_CLAIMED = """
+UPDATE actions SET state = 'expired', completed_at = now(),
+    last_error = 'block expired at HubSpot before it could be sent'
+WHERE id = ANY($1::bigint[]) AND state = 'claimed'
+"""
+
+RELEASE = """
+UPDATE actions SET state = 'pending' WHERE id = ANY($1::bigint[]) AND state = 'claimed'
+"""
+
+INSERT_SENDS = """
+INSERT INTO queue_sends (queue_id, sent_at, n)
+SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::int[])
+"""
+
+# -- recovery and maintenance ---------------------------------------------------------------
+
+# Rows claimed by a process that died: their send may or may not have happened.
+RECOVER_CLAIMED = """
+WITH r AS (
+    UPDATE actions SET state = 'pending' WHERE state = 'claimed' RETURNING queue_id
+)
+SELECT queue_id, count(*)::int AS n FROM r GROUP BY queue_id
+"""
+
+RECENT_SENDS = """
+SELECT queue_id, sent_at, count(*)::int AS n FROM actions
+WHERE sent_at > $1 AND state IN ('done', 'failed')
+GROUP BY queue_id, sent_at
+UNION ALL
+SELECT queue_id, sent_at, n FROM queue_sends WHERE sent_at > $1
+"""
+
+EXPIRE_DUE = """
+WITH due AS (
+    SELECT id FROM actions WHERE state = 'pending' AND deadline <= now()
+    ORDER BY deadline LIMIT $1 FOR UPDATE SKIP LOCKED
+)
+UPDATE actions a SET state = 'expired', completed_at = now(),
+    last_error = 'block expired at HubSpot before it could be sent'
+FROM due WHERE a.id = due.id
+RETURNING a.queue_id
+"""
+
+PRUNE_SENDS = "DELETE FROM queue_sends WHERE sent_at < $1"
+
+# Retention in small batches, so the table never takes a long lock.
+DELETE_FINISHED = """
+DELETE FROM actions WHERE id IN (
+    SELECT id FROM actions
+    WHERE (state = 'done' AND completed_at < $1)
+       OR (state IN ('failed', 'expired') AND completed_at < $2)
+    LIMIT $3
+)
+"""
+
+# -- portals and tokens ---------------------------------------------------------------------
+
+GET_PORTAL = """
+SELECT portal_id, refresh_token, access_token, access_expires_at
+FROM portals WHERE portal_id = $1
+"""
+
+UPSERT_REFRESH_TOKEN = """
+INSERT INTO portals (portal_id, refresh_token) VALUES ($1, $2)
+ON CONFLICT (portal_id) DO UPDATE
+SET refresh_token = EXCLUDED.refresh_token, access_token = NULL, access_expires_at = NULL,
+    updated_at = now()
+"""
+
+SAVE_TOKENS = """
+UPDATE portals SET refresh_token = $2, access_token = $3, access_expires_at = $4,
+    updated_at = now()
+WHERE portal_id = $1
+"""
+
+# -- operations -----------------------------------------------------------------------------
+
+PING = "SELECT 1"
+
+QUEUE_STATS = """
+SELECT q.id, q.key, q.portal_id, q.policy, q.override,
+       count(*) FILTER (WHERE a.state = 'pending') AS pending,
+       count(*) FILTER (WHERE a.state = 'claimed') AS claimed,
+       count(*) FILTER (WHERE a.state = 'done') AS done,
+       count(*) FILTER (WHERE a.state = 'failed') AS failed,
+       count(*) FILTER (WHERE a.state = 'expired') AS expired,
+       min(a.deadline) FILTER (WHERE a.state = 'pending') AS next_deadline
+FROM queues q LEFT JOIN actions a ON a.queue_id = q.id
+GROUP BY q.id ORDER BY q.id
+"""
+
+GET_ACTION_CONFIG = """
+SELECT policy FROM action_configs WHERE portal_id = $1 AND action_id = $2
+"""
+
+ALL_ACTION_CONFIGS = "SELECT portal_id, action_id, policy FROM action_configs"

@@ -1,0 +1,316 @@
+"""The one class that talks to PostgreSQL. Driver errors become our own exceptions here."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from throttled.db import queries as q
+
+
+class DatabaseError(Exception):
+    """A database operation failed."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """PostgreSQL cannot be reached (connection refused, lost, or the pool is exhausted)."""
+
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.ConnectionFailureError,
+)
+
+
+@contextlib.contextmanager
+def translate_errors() -> Any:
+    """Map driver exceptions to DatabaseUnavailable / DatabaseError."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    except asyncpg.PostgresError as exc:
+        raise DatabaseError(f"{type(exc).__name__}: {exc}") from exc
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NewAction:
+    """An action accepted at intake, before it is stored."""
+
+    callback_id: str
+    queue_key: str
+    portal_id: int
+    priority: int
+    deadline: datetime
+    policy: dict[str, Any]
+    workflow_id: int | None
+    object_type: str | None
+    object_id: str | None
+    input_fields: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClaimedAction:
+    """A row reserved by this process for sending."""
+
+    id: int
+    callback_id: str
+    queue_id: int
+    portal_id: int
+    priority: int
+    deadline: datetime
+    attempts: int
+    failures: int
+    split_group: int | None
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> ClaimedAction:
+        """Build from a CLAIM row."""
+        return cls(**dict(row))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QueueRow:
+    """A queue's identity and stored rate policy."""
+
+    id: int
+    key: str
+    portal_id: int
+    policy: dict[str, Any]
+    override: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> QueueRow:
+        """Build from a queues row."""
+        return cls(**dict(row))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PortalTokens:
+    """A portal's stored (encrypted) OAuth tokens."""
+
+    portal_id: int
+    refresh_token: str | None
+    access_token: str | None
+    access_expires_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> PortalTokens:
+        """Build from a portals row."""
+        return cls(**dict(row))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Retry:
+    """A claimed row going back to pending."""
+
+    id: int
+    not_before: datetime | None
+    error: str | None
+    counted: bool
+    split_group: int | None
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+def asyncpg_dsn(url: str) -> str:
+    """Accept SQLAlchemy/yoyo-style schemes too."""
+    for prefix in ("postgresql+psycopg://", "postgresql+asyncpg://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql://" + url[len(prefix) :]
+    return url
+
+
+class Repository:
+    """All queries throttled issues, over one asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls, url: str, *, min_size: int = 2, max_size: int = 10, timeout: float = 5.0
+    ) -> AsyncIterator[Repository]:
+        """Open a pool for the life of the block."""
+        with translate_errors():
+            pool = await asyncpg.create_pool(
+                asyncpg_dsn(url),
+                min_size=min_size,
+                max_size=max_size,
+                timeout=timeout,
+                command_timeout=60,
+                init=_init_connection,
+            )
+        try:
+            yield cls(pool)
+        finally:
+            await pool.close()
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        with translate_errors():
+            return str(await self.pool.execute(sql, *args))
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        with translate_errors():
+            return list(await self.pool.fetch(sql, *args))
+
+    async def ping(self) -> None:
+        """Raise DatabaseUnavailable unless a trivial query succeeds."""
+        await self._fetch(q.PING)
+
+    # -- intake -----------------------------------------------------------------------------
+
+    async def upsert_queues(
+        self, keys: Sequence[str], portals: Sequence[int], policies: Sequence[dict[str, Any]]
+    ) -> dict[str, int]:
+        """Create or update queues; return key → id."""
+        rows = await self._fetch(q.UPSERT_QUEUES, keys, portals, policies)
+        return {r["key"]: r["id"] for r in rows}
+
+    async def insert_actions(self, actions: Sequence[NewAction], queue_ids: dict[str, int]) -> None:
+        """Store actions in one statement; duplicates (same callback_id) are ignored."""
+        await self._execute(
+            q.INSERT_ACTIONS,
+            [a.callback_id for a in actions],
+            [queue_ids[a.queue_key] for a in actions],
+            [a.portal_id for a in actions],
+            [a.priority for a in actions],
+            [a.deadline for a in actions],
+            [a.workflow_id for a in actions],
+            [a.object_type for a in actions],
+            [a.object_id for a in actions],
+            [a.input_fields for a in actions],
+        )
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    async def claim(self, queue_ids: Sequence[int], limits: Sequence[int]) -> list[ClaimedAction]:
+        """Reserve up to limits[i] due rows of queue_ids[i], all queues in one statement."""
+        rows = await self._fetch(q.CLAIM, queue_ids, limits)
+        return [ClaimedAction.from_row(r) for r in rows]
+
+    async def next_not_before(self, queue_ids: Sequence[int]) -> dict[int, datetime]:
+        """For queues with held-back rows: when the first becomes claimable."""
+        rows = await self._fetch(q.NEXT_NOT_BEFORE, queue_ids)
+        return {r["queue_id"]: r["at"] for r in rows}
+
+    async def active_queues(self) -> list[QueueRow]:
+        """Queues that have pending rows."""
+        return [QueueRow.from_row(r) for r in await self._fetch(q.ACTIVE_QUEUES)]
+
+    async def get_queues(self, ids: Sequence[int]) -> list[QueueRow]:
+        """Queues by id."""
+        return [QueueRow.from_row(r) for r in await self._fetch(q.GET_QUEUES, ids)]
+
+    # -- results ----------------------------------------------------------------------------
+
+    async def mark_done(self, ids: Sequence[int], sent_at: Sequence[datetime]) -> None:
+        """Completed at HubSpot (204)."""
+        await self._execute(q.MARK_DONE, ids, sent_at)
+
+    async def mark_retry(
+        self, retries: Sequence[Retry], sends: Sequence[tuple[int, datetime, int]] = ()
+    ) -> None:
+        """Back to pending with backoff; the failed sends are kept in the rate log."""
+        with translate_errors():
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    q.MARK_RETRY,
+                    [r.id for r in retries],
+                    [r.not_before for r in retries],
+                    [r.error for r in retries],
+                    [int(r.counted) for r in retries],
+                    [r.split_group for r in retries],
+                )
+                if sends:
+                    await conn.execute(
+                        q.INSERT_SENDS,
+                        [s[0] for s in sends],
+                        [s[1] for s in sends],
+                        [s[2] for s in sends],
+                    )
+
+    async def mark_failed(
+        self, ids: Sequence[int], errors: Sequence[str], sent_at: Sequence[datetime | None]
+    ) -> None:
+        """Terminal failure with a reason an operator can read."""
+        await self._execute(q.MARK_FAILED, ids, errors, sent_at)
+
+    async def mark_expired(self, ids: Sequence[int]) -> None:
+        """Claimed rows whose block expired before they could be sent."""
+        await self._execute(q.MARK_EXPIRED_CLAIMED, ids)
+
+    async def release(self, ids: Sequence[int]) -> None:
+        """Claimed rows that were never sent go back to pending."""
+        await self._execute(q.RELEASE, ids)
+
+    # -- recovery and maintenance -----------------------------------------------------------
+
+    async def recover_claimed(self) -> dict[int, int]:
+        """Release rows a dead process had claimed; return queue_id → count."""
+        return {r["queue_id"]: r["n"] for r in await self._fetch(q.RECOVER_CLAIMED)}
+
+    async def recent_sends(self, since: datetime) -> list[tuple[int, datetime, int]]:
+        """The rate log: (queue_id, sent_at, n) for sends after `since`."""
+        rows = await self._fetch(q.RECENT_SENDS, since)
+        return [(r["queue_id"], r["sent_at"], r["n"]) for r in rows]
+
+    async def expire_due(self, limit: int) -> list[int]:
+        """Mark pending rows past their deadline expired; return their queue ids."""
+        return [r["queue_id"] for r in await self._fetch(q.EXPIRE_DUE, limit)]
+
+    async def prune_sends(self, before: datetime) -> None:
+        """Forget rate-log entries no window can still see."""
+        await self._execute(q.PRUNE_SENDS, before)
+
+    async def delete_finished(
+        self, done_before: datetime, failed_before: datetime, limit: int
+    ) -> int:
+        """Retention: delete up to `limit` finished rows older than the cut-offs."""
+        status = await self._execute(q.DELETE_FINISHED, done_before, failed_before, limit)
+        return int(status.split()[-1])
+
+    # -- portals ----------------------------------------------------------------------------
+
+    async def get_portal(self, portal_id: int) -> PortalTokens | None:
+        """A portal's stored tokens, or None if it is not connected."""
+        rows = await self._fetch(q.GET_PORTAL, portal_id)
+        return PortalTokens.from_row(rows[0]) if rows else None
+
+    async def set_refresh_token(self, portal_id: int, encrypted: str) -> None:
+        """Connect a portal (or replace its refresh token)."""
+        await self._execute(q.UPSERT_REFRESH_TOKEN, portal_id, encrypted)
+
+    async def save_tokens(
+        self, portal_id: int, refresh: str, access: str, expires_at: datetime
+    ) -> None:
+        """Store a refreshed token pair (encrypted)."""
+        await self._execute(q.SAVE_TOKENS, portal_id, refresh, access, expires_at)
+
+    # -- configuration and stats ------------------------------------------------------------
+
+    async def action_configs(self) -> dict[tuple[int, int], dict[str, Any]]:
+        """All (portal_id, action_id) rate configs."""
+        rows = await self._fetch(q.ALL_ACTION_CONFIGS)
+        return {(r["portal_id"], r["action_id"]): r["policy"] for r in rows}
+
+    async def queue_stats(self) -> list[dict[str, Any]]:
+        """Per-queue counts by state."""
+        return [dict(r) for r in await self._fetch(q.QUEUE_STATS)]

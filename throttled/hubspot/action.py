@@ -1,0 +1,144 @@
+"""The request HubSpot sends to a custom action's `actionUrl`: parsing and validation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+_INT64 = (-(2**63), 2**63 - 1)
+MAX_CALLBACK_ID = 255
+
+
+class PayloadError(Exception):
+    """The payload is not a valid custom-action request; `field` names the culprit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ActionRequest:
+    """The fields of a custom-action request that throttled uses."""
+
+    callback_id: str
+    portal_id: int
+    action_definition_id: int
+    workflow_id: int
+    execution_index: int
+    object_type: str | None
+    object_id: str | None
+    input_fields: dict[str, Any]
+
+    @property
+    def queue_name(self) -> str | None:
+        """The shared queue named by the step's `queueName` input field, if any."""
+        value = self.input_fields.get("queueName")
+        if isinstance(value, str | int) and str(value).strip():
+            return str(value).strip()
+        return None
+
+    def queue_key(self) -> str:
+        """The queue this action waits in (the original Throttle's key format)."""
+        if self.queue_name is not None:
+            return f"queue:{self.portal_id}:named:{self.queue_name}"
+        return (
+            f"queue:{self.portal_id}:{self.workflow_id}:"
+            f"{self.action_definition_id}:{self.execution_index}"
+        )
+
+
+def parse(body: bytes) -> ActionRequest:
+    """Parse and validate a raw request body; raise PayloadError naming the bad field."""
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PayloadError("body", f"not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise PayloadError("body", "must be a JSON object")
+    origin = _object(doc, "origin")
+    context = _object(doc, "context")
+    index = origin.get("actionExecutionIndexIdentifier")
+    execution_index = 0
+    if index is not None:
+        if not isinstance(index, dict):
+            raise PayloadError("origin.actionExecutionIndexIdentifier", "must be an object")
+        execution_index = _int(
+            index, "actionExecutionIndex", "origin.actionExecutionIndexIdentifier"
+        )
+    obj = doc.get("object")
+    if obj is not None and not isinstance(obj, dict):
+        raise PayloadError("object", "must be an object")
+    return ActionRequest(
+        callback_id=_callback_id(doc),
+        portal_id=_int(origin, "portalId", "origin", positive=True),
+        action_definition_id=_int(origin, "actionDefinitionId", "origin", positive=True),
+        workflow_id=_int(context, "workflowId", "context", positive=True),
+        execution_index=execution_index,
+        object_type=_opt_str(obj, "objectType"),
+        object_id=_opt_str(obj, "objectId"),
+        input_fields=_input_fields(doc),
+    )
+
+
+def _object(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = doc.get(name)
+    if value is None:
+        raise PayloadError(name, "is required")
+    if not isinstance(value, dict):
+        raise PayloadError(name, "must be an object")
+    return value
+
+
+def _callback_id(doc: Mapping[str, Any]) -> str:
+    value = doc.get("callbackId")
+    if value is None:
+        raise PayloadError("callbackId", "is required")
+    if not isinstance(value, str) or not value.strip():
+        raise PayloadError("callbackId", "must be a non-empty string")
+    if len(value) > MAX_CALLBACK_ID or "\x00" in value:
+        raise PayloadError("callbackId", f"must be at most {MAX_CALLBACK_ID} printable characters")
+    return value
+
+
+def _int(doc: Mapping[str, Any], key: str, where: str, *, positive: bool = False) -> int:
+    field = f"{where}.{key}"
+    value = doc.get(key)
+    if value is None:
+        raise PayloadError(field, "is required")
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PayloadError(field, "must be an integer")
+    if not _INT64[0] <= value <= _INT64[1] or (positive and value <= 0):
+        raise PayloadError(field, "is out of range" + (" (must be > 0)" if positive else ""))
+    return value
+
+
+def _opt_str(obj: Mapping[str, Any] | None, key: str) -> str | None:
+    if obj is None or obj.get(key) is None:
+        return None
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise PayloadError(f"object.{key}", "must be a string or an integer")
+    text = str(value)
+    if "\x00" in text or len(text) > 255:
+        raise PayloadError(f"object.{key}", "must be at most 255 printable characters")
+    return text
+
+
+def _input_fields(doc: Mapping[str, Any]) -> dict[str, Any]:
+    value = doc.get("inputFields")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PayloadError("inputFields", "must be an object")
+    for key, item in value.items():
+        if item is not None and not isinstance(item, str | int | float | bool):
+            raise PayloadError(f"inputFields.{key}", "must be a string or a number")
+    if "\\u0000" in json.dumps(value):
+        raise PayloadError("inputFields", "must not contain NUL characters")
+    return dict(value)

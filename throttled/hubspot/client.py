@@ -1,0 +1,169 @@
+"""Outgoing calls to HubSpot: batch callback completion and OAuth token refresh."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CompletionResult:
+    """What HubSpot answered to one batch completion request (status 0: no answer)."""
+
+    status: int
+    message: str = ""
+    retry_after_s: float | None = None
+    policy_name: str | None = None
+    rate_interval_s: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        """HubSpot accepted the batch (204)."""
+        return 200 <= self.status < 300
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TokenResponse:
+    """A successful OAuth token grant."""
+
+    access_token: str
+    refresh_token: str
+    expires_in: float
+    hub_id: int | None
+
+
+class TokenError(Exception):
+    """The token endpoint refused or could not be reached; `permanent` if retrying won't help."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class HubSpotClient:
+    """A thin, typed wrapper over one aiohttp session."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        api_base_url: str,
+        client_id: str,
+        client_secret: str,
+        timeout_s: float,
+        batch_complete_path: str = "/automation/v4/actions/callbacks/complete",
+        token_path: str = "/oauth/v1/token",
+        send_typed_outputs: bool = False,
+    ) -> None:
+        self._session = session
+        self._complete_url = api_base_url.rstrip("/") + batch_complete_path
+        self._token_url = api_base_url.rstrip("/") + token_path
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._typed = send_typed_outputs
+
+    def completion_body(self, callback_ids: Sequence[str], state: str = "SUCCESS") -> bytes:
+        """The batch completion JSON for these callbacks."""
+        extra: dict[str, Any] = {"typedOutputs": {}} if self._typed else {}
+        inputs = [
+            {"callbackId": cid, "outputFields": {"hs_execution_state": state}, **extra}
+            for cid in callback_ids
+        ]
+        return json.dumps({"inputs": inputs}, separators=(",", ":")).encode()
+
+    async def complete_batch(self, access_token: str, body: bytes) -> CompletionResult:
+        """POST one batch completion; network failures come back as status 0."""
+        headers = {
+            "Authorization": f"Bearer {access_token}",
+            "Content-Type": "application/json",
+        }
+        try:
+            async with self._session.post(
+                self._complete_url, data=body, headers=headers, timeout=self._timeout
+            ) as resp:
+                text = await resp.text() if resp.status != 204 else ""
+                return _result(resp.status, resp.headers, text)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return CompletionResult(status=0, message=f"{type(exc).__name__}: {exc}"[:500])
+
+    async def refresh(self, refresh_token: str) -> TokenResponse:
+        """Exchange a refresh token for a new access token."""
+        form = {
+            "grant_type": "refresh_token",
+            "client_id": self._client_id,
+            "client_secret": self._client_secret,
+            "refresh_token": refresh_token,
+        }
+        try:
+            async with self._session.post(
+                self._token_url, data=form, timeout=self._timeout
+            ) as resp:
+                text = await resp.text()
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise TokenError(
+                f"token endpoint unreachable: {type(exc).__name__}", permanent=False
+            ) from None
+        if status != 200:
+            message = _error_message(text)
+            raise TokenError(f"token refresh refused ({status}): {message}", permanent=status < 500)
+        return _token_response(text, refresh_token)
+
+
+def _result(status: int, headers: Any, text: str) -> CompletionResult:
+    retry_after: float | None = None
+    raw = headers.get("Retry-After")
+    if raw:
+        try:
+            retry_after = max(0.0, float(raw))
+        except ValueError:
+            retry_after = None
+    interval_ms = headers.get("X-HubSpot-RateLimit-Interval-Milliseconds")
+    policy = None
+    if text:
+        try:
+            doc = json.loads(text)
+            policy = doc.get("policyName") if isinstance(doc, dict) else None
+        except json.JSONDecodeError:
+            pass
+    return CompletionResult(
+        status=status,
+        message=_error_message(text) if status >= 300 else "",
+        retry_after_s=retry_after,
+        policy_name=policy,
+        rate_interval_s=float(interval_ms) / 1000
+        if interval_ms and interval_ms.isdigit()
+        else None,
+    )
+
+
+def _error_message(text: str) -> str:
+    """HubSpot's error message, without echoing anything that could be a credential."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return text[:300]
+    if isinstance(doc, dict):
+        parts = [str(doc.get(k)) for k in ("category", "status", "message") if doc.get(k)]
+        return ": ".join(parts)[:500]
+    return text[:300]
+
+
+def _token_response(text: str, old_refresh: str) -> TokenResponse:
+    try:
+        doc = json.loads(text)
+        return TokenResponse(
+            access_token=str(doc["access_token"]),
+            refresh_token=str(doc.get("refresh_token") or old_refresh),
+            expires_in=float(doc["expires_in"]),
+            hub_id=int(doc["hub_id"]) if doc.get("hub_id") is not None else None,
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise TokenError(
+            "token endpoint answered with an unexpected body", permanent=False
+        ) from None

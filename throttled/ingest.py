@@ -1,0 +1,150 @@
+"""Group commit: handlers hand over rows, flushers write each gathered batch in one statement."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import structlog
+
+from throttled.db.repository import DatabaseError, DatabaseUnavailable, NewAction, Repository
+
+log = structlog.get_logger(__name__)
+
+
+class Overloaded(Exception):
+    """The ingest buffer is full; answer 429 and let HubSpot retry."""
+
+
+class Stopping(Exception):
+    """The daemon is shutting down; answer 503 and let HubSpot retry."""
+
+
+@dataclass(slots=True)
+class _Item:
+    action: NewAction
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Ingest:
+    """Buffers accepted actions and commits them in batches; each submitter waits for COMMIT."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        *,
+        batch_max: int,
+        max_pending: int,
+        flushers: int,
+        linger_s: float = 0.0,
+        on_stored: Callable[[set[int], set[int]], None] = lambda _ids, _changed: None,
+    ) -> None:
+        self._repo = repo
+        self._batch_max = batch_max
+        self._max_pending = max_pending
+        self._flushers = flushers
+        self._linger_s = linger_s
+        self._on_stored = on_stored
+        self._items: list[_Item] = []
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._queue_ids: dict[str, tuple[int, dict[str, object]]] = {}
+        self.batches = 0
+        self.rows = 0
+
+    @property
+    def pending(self) -> int:
+        """Rows waiting for a flush."""
+        return len(self._items)
+
+    async def submit(self, action: NewAction) -> None:
+        """Return once the action's row is committed; raise Overloaded, Stopping or DB errors."""
+        if self._closed:
+            raise Stopping()
+        if len(self._items) >= self._max_pending:
+            raise Overloaded()
+        item = _Item(action)
+        self._items.append(item)
+        self._wake.set()
+        await asyncio.shield(item.done)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run the flushers until `stop`, then commit whatever is buffered."""
+        async with asyncio.TaskGroup() as tg:
+            for n in range(self._flushers):
+                tg.create_task(self._flusher(stop), name=f"ingest-flusher-{n}")
+            await stop.wait()
+            self._closed = True
+            self._wake.set()
+
+    async def _flusher(self, stop: asyncio.Event) -> None:
+        while True:
+            if not self._items:
+                if self._closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self._linger_s and len(self._items) < self._batch_max and not self._closed:
+                await asyncio.sleep(self._linger_s)
+            batch = self._items[: self._batch_max]
+            del self._items[: self._batch_max]
+            await asyncio.shield(self._flush(batch))
+
+    async def _flush(self, batch: list[_Item]) -> None:
+        try:
+            queue_ids, changed = await self._store([i.action for i in batch])
+        except DatabaseError as exc:
+            if len(batch) > 1 and not isinstance(exc, DatabaseUnavailable):
+                await self._flush_one_by_one(batch)
+                return
+            log.warning("ingest_flush_failed", rows=len(batch), error=str(exc))
+            _settle(batch, exc)
+            return
+        self.batches += 1
+        self.rows += len(batch)
+        _settle(batch, None)
+        self._on_stored(queue_ids, changed)
+
+    async def _flush_one_by_one(self, batch: list[_Item]) -> None:
+        """A statement error (not an outage) isolates the bad row instead of failing the batch."""
+        for item in batch:
+            await self._flush([item])
+
+    async def _store(self, actions: list[NewAction]) -> tuple[set[int], set[int]]:
+        stale = {
+            a.queue_key: a
+            for a in actions
+            if (cached := self._queue_ids.get(a.queue_key)) is None or cached[1] != a.policy
+        }
+        changed: set[int] = set()
+        if stale:
+            ids = await self._repo.upsert_queues(
+                list(stale),
+                [a.portal_id for a in stale.values()],
+                [a.policy for a in stale.values()],
+            )
+            for key, queue_id in ids.items():
+                self._queue_ids[key] = (queue_id, stale[key].policy)
+                changed.add(queue_id)
+        mapping = {key: value[0] for key, value in self._queue_ids.items()}
+        await self._repo.insert_actions(actions, mapping)
+        return {mapping[a.queue_key] for a in actions}, changed
+
+    def forget_queues(self, keys: Iterable[str]) -> None:
+        """Drop cached queue ids (after an operator deletes or re-keys queues)."""
+        for key in keys:
+            self._queue_ids.pop(key, None)
+
+
+def _settle(batch: list[_Item], exc: BaseException | None) -> None:
+    for item in batch:
+        if item.done.done():
+            continue
+        if exc is None:
+            item.done.set_result(None)
+        else:
+            item.done.set_exception(exc)

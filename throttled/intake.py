@@ -1,0 +1,80 @@
+"""From a validated action request to the row to store: queue, rate policy, priority, deadline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+
+from throttled import metrics, rates
+from throttled.db.repository import NewAction
+from throttled.hubspot.action import ActionRequest
+
+log = structlog.get_logger(__name__)
+
+PRIORITY_RANGE = (-1_000_000, 1_000_000)
+
+
+class Intake:
+    """Resolves each request's queue and rate (input fields > admin config > defaults)."""
+
+    def __init__(
+        self,
+        *,
+        defaults: rates.PolicySpec,
+        block_expiration_s: float,
+        action_configs: Mapping[tuple[int, int], rates.PolicySpec] | None = None,
+        clock: Callable[[], float],
+    ) -> None:
+        self._defaults = defaults
+        self._expiry = timedelta(seconds=block_expiration_s)
+        self.action_configs: dict[tuple[int, int], rates.PolicySpec] = dict(action_configs or {})
+        self._clock = clock
+        self._policy_cache: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+    def build(self, request: ActionRequest) -> NewAction:
+        """The row to store for this request."""
+        return NewAction(
+            callback_id=request.callback_id,
+            queue_key=request.queue_key(),
+            portal_id=request.portal_id,
+            priority=self._priority(request),
+            deadline=datetime.fromtimestamp(self._clock(), UTC) + self._expiry,
+            policy=self._policy(request),
+            workflow_id=request.workflow_id,
+            object_type=request.object_type,
+            object_id=request.object_id,
+            input_fields=request.input_fields,
+        )
+
+    def _policy(self, request: ActionRequest) -> dict[str, Any]:
+        admin = self.action_configs.get((request.portal_id, request.action_definition_id))
+        cache_key = (tuple(sorted(request.input_fields.items(), key=str)), id(admin))
+        cached = self._policy_cache.get(cache_key)
+        if cached is not None:
+            return cached
+        spec, problems = rates.parse_input_fields(request.input_fields)
+        for problem in problems:
+            metrics.INPUT_PROBLEMS.inc()
+            log.warning("input_field_invalid", portal_id=request.portal_id, problem=problem)
+        specs = [spec, *([admin] if admin else []), self._defaults]
+        policy = rates.resolve(specs).to_json()
+        if len(self._policy_cache) > 10_000:
+            self._policy_cache.clear()
+        self._policy_cache[cache_key] = policy
+        return policy
+
+    @staticmethod
+    def _priority(request: ActionRequest) -> int:
+        raw = request.input_fields.get("priority")
+        if raw is None or raw == "":
+            return 0
+        try:
+            value = int(str(raw).strip())
+        except ValueError:
+            metrics.INPUT_PROBLEMS.inc()
+            log.warning("input_field_invalid", problem=f"inputFields.priority: {raw!r}")
+            return 0
+        return max(PRIORITY_RANGE[0], min(PRIORITY_RANGE[1], value))

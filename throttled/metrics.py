@@ -1,0 +1,78 @@
+"""Prometheus text-format metrics: a few counters and gauges, no dependency."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+class Counter:
+    """A monotonically increasing count, optionally split by one label."""
+
+    def __init__(self, name: str, help_text: str, label: str | None = None) -> None:
+        self.name = name
+        self.help = help_text
+        self.label = label
+        self.values: dict[str, float] = {}
+        REGISTRY.append(self)
+
+    def inc(self, amount: float = 1, **labels: str) -> None:
+        """Add to the count."""
+        key = labels.get(self.label, "") if self.label else ""
+        self.values[key] = self.values.get(key, 0) + amount
+
+    def value(self, key: str = "") -> float:
+        """The current count (for tests)."""
+        return self.values.get(key, 0)
+
+    def render(self) -> list[str]:
+        """Exposition lines."""
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        if not self.values:
+            lines.append(f"{self.name} 0" if not self.label else "")
+        for key, value in sorted(self.values.items()):
+            labels = f'{{{self.label}="{key}"}}' if self.label else ""
+            lines.append(f"{self.name}{labels} {value:g}")
+        return [line for line in lines if line]
+
+
+class Gauge:
+    """A value read at scrape time."""
+
+    def __init__(self, name: str, help_text: str) -> None:
+        self.name = name
+        self.help = help_text
+        self.read: Callable[[], float] = lambda: 0.0
+        REGISTRY.append(self)
+
+    def render(self) -> list[str]:
+        """Exposition lines."""
+        return [
+            f"# HELP {self.name} {self.help}",
+            f"# TYPE {self.name} gauge",
+            f"{self.name} {self.read():g}",
+        ]
+
+
+REGISTRY: list[Counter | Gauge] = []
+
+ACCEPTED = Counter("throttled_actions_accepted_total", "Actions stored and answered BLOCK.")
+DUPLICATES = Counter("throttled_actions_duplicate_total", "Redelivered callbackIds answered again.")
+REJECTED = Counter(
+    "throttled_actions_rejected_total", "Action requests refused, by reason.", "reason"
+)
+COMPLETED = Counter("throttled_callbacks_completed_total", "Callbacks HubSpot accepted (204).")
+EXPIRED = Counter("throttled_actions_expired_total", "Actions whose block expired before sending.")
+REQUESTS = Counter(
+    "throttled_hubspot_requests_total", "Completion requests by HTTP status.", "status"
+)
+INPUT_PROBLEMS = Counter(
+    "throttled_input_field_problems_total", "Invalid rate input fields (fell through)."
+)
+INGEST_PENDING = Gauge("throttled_ingest_pending", "Actions waiting for a group commit.")
+SENDER_HELD = Gauge("throttled_sender_held", "Claimed actions waiting in portal senders.")
+ACTIVE_QUEUES = Gauge("throttled_active_queues", "Queues with work the scheduler tracks.")
+
+
+def render() -> str:
+    """All metrics in Prometheus text format."""
+    return "\n".join(line for metric in REGISTRY for line in metric.render()) + "\n"

@@ -1,0 +1,236 @@
+"""The scheduler: decides when each active queue claims its next rows, and claims in bulk.
+
+Idle queues cost nothing: a queue is tracked only while it may have claimable rows. Queues
+that fall due together claim together, in one statement. A queue claims its next batch as
+soon as the previous one has been dispatched and its limiter's next slot is within the
+lookahead, so the rows are in memory when the slot opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+
+import structlog
+
+from throttled import metrics, rates
+from throttled.db.repository import ClaimedAction, DatabaseError, QueueRow, Repository
+from throttled.queues import QueueState, effective_policy
+from throttled.sender import Dispatcher, Hooks, _wait
+
+log = structlog.get_logger(__name__)
+
+CLAIM_CHUNK = 5000  # queues per claim statement
+MAX_CLAIM_ROWS = 1000  # rows per queue per claim
+GATHER_S = 0.002  # let queues that fall due together claim together
+
+
+class Scheduler(Hooks):
+    """Tracks active queues in a timer heap and claims due ones in bulk."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        dispatcher: Dispatcher,
+        *,
+        clock: Callable[[], float],
+        lookahead_s: float,
+    ) -> None:
+        self._repo = repo
+        self._dispatcher = dispatcher
+        self._clock = clock
+        self._lookahead_s = lookahead_s
+        self.queues: dict[int, QueueState] = {}
+        self._heap: list[tuple[float, int, int]] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._unknown: set[int] = set()
+        self._reload: set[int] = set()
+        self.claims = 0
+        dispatcher.hooks = self
+        metrics.ACTIVE_QUEUES.read = lambda: float(sum(q.active for q in self.queues.values()))
+
+    # -- events from ingest and the senders (synchronous, cheap) ----------------------------
+
+    def notify(self, queue_ids: Iterable[int], changed: Iterable[int] = ()) -> None:
+        """New rows were committed for these queues (policy changed for `changed`)."""
+        now = self._clock()
+        for queue_id in changed:
+            self._reload.add(queue_id)
+        for queue_id in queue_ids:
+            queue = self.queues.get(queue_id)
+            if queue is None:
+                self._unknown.add(queue_id)
+                continue
+            queue.generation += 1
+            if not queue.active:
+                queue.active = True
+                self._schedule(queue, now)
+        self._wake.set()
+
+    def dispatched(self, queue: QueueState) -> None:
+        """The sender has sent everything it held for this queue: plan its next claim."""
+        if queue.active:
+            self._schedule(queue, self._claim_time(queue, self._clock()))
+            self._wake.set()
+
+    def retry_at(self, queue: QueueState, at: float) -> None:
+        """Rows went back to pending, claimable from `at`."""
+        queue.held_until = at if queue.held_until is None else min(queue.held_until, at)
+        queue.generation += 1
+        queue.active = True
+        self._schedule(queue, max(at, self._clock()))
+        self._wake.set()
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Load active queues and the rate log, so a restart does not burst."""
+        now = self._clock()
+        recovered = await self._repo.recover_claimed()
+        rows = await self._repo.active_queues()
+        for row in rows:
+            queue = self._track(row)
+            queue.active = True
+            queue.held_until = now
+        longest = max((q.limiter.policy.period_s for q in self.queues.values()), default=0.0)
+        if longest:
+            since = datetime.fromtimestamp(now - longest, UTC)
+            for queue_id, sent_at, n in await self._repo.recent_sends(since):
+                if queue_id in self.queues:
+                    self.queues[queue_id].limiter.record(sent_at.timestamp(), n)
+        for queue_id, n in recovered.items():
+            # Claimed by a process that died: they may have gone out just before; count them now.
+            if queue_id in self.queues:
+                self.queues[queue_id].limiter.record(now, n)
+        for queue in self.queues.values():
+            self._schedule(queue, self._claim_time(queue, now))
+        log.info("scheduler_recovered", active_queues=len(rows), reclaimed=sum(recovered.values()))
+
+    def _track(self, row: QueueRow) -> QueueState:
+        policy = _safe_policy(row)
+        queue = self.queues.get(row.id)
+        if queue is None:
+            queue = QueueState(
+                id=row.id,
+                key=row.key,
+                portal_id=row.portal_id,
+                limiter=rates.Limiter(policy),
+                stored_policy=row.policy,
+                override=row.override,
+            )
+            self.queues[row.id] = queue
+        else:
+            queue.stored_policy, queue.override = row.policy, row.override
+            queue.limiter.set_policy(policy)
+        return queue
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim due queues until stopped."""
+        while not stop.is_set():
+            try:
+                await self._load_new()
+                due = self._pop_due(self._clock())
+                if due:
+                    await self._claim(due)
+                    continue
+            except DatabaseError as exc:
+                log.warning("scheduler_db_error", error=str(exc))
+                await _wait(stop, 1.0)
+                continue
+            self._wake.clear()
+            timeout = self._heap[0][0] - self._clock() if self._heap else None
+            if timeout is None or timeout > 0:
+                await _wait(self._wake, timeout, stop)
+            if not stop.is_set():
+                await asyncio.sleep(GATHER_S)
+
+    async def _load_new(self) -> None:
+        ids = self._unknown | self._reload
+        if not ids:
+            return
+        self._unknown, self._reload = set(), set()
+        now = self._clock()
+        for row in await self._repo.get_queues(list(ids)):
+            queue = self._track(row)
+            queue.generation += 1
+            if not queue.active:
+                queue.active = True
+                self._schedule(queue, now)
+
+    def _schedule(self, queue: QueueState, at: float) -> None:
+        heapq.heappush(self._heap, (at, next(self._seq), queue.id))
+
+    def _claim_time(self, queue: QueueState, now: float) -> float:
+        return queue.limiter.earliest(now) - self._lookahead_s
+
+    def _pop_due(self, now: float) -> list[tuple[QueueState, float, int]]:
+        """Queues whose next slot is within the lookahead: (queue, slot, rows wanted)."""
+        due: dict[int, tuple[QueueState, float, int]] = {}
+        while self._heap and self._heap[0][0] <= now:
+            _, _, queue_id = heapq.heappop(self._heap)
+            queue = self.queues.get(queue_id)
+            if queue is None or not queue.active or queue.in_sender or queue_id in due:
+                continue
+            slot = queue.limiter.earliest(now)
+            if slot - self._lookahead_s > now:
+                if slot != float("inf"):
+                    self._schedule(queue, slot - self._lookahead_s)
+                continue
+            want = self._wanted(queue, slot)
+            if want > 0:
+                due[queue_id] = (queue, slot, want)
+        return list(due.values())
+
+    def _wanted(self, queue: QueueState, slot: float) -> int:
+        limiter = queue.limiter
+        if limiter.policy.pacing == "even":
+            planned = len(limiter.plan(slot, self._lookahead_s + 1e-9, MAX_CLAIM_ROWS))
+            return max(1, planned)
+        return min(limiter.allowance(slot), MAX_CLAIM_ROWS)
+
+    async def _claim(self, due: list[tuple[QueueState, float, int]]) -> None:
+        for start in range(0, len(due), CLAIM_CHUNK):
+            chunk = due[start : start + CLAIM_CHUNK]
+            generations = {q.id: q.generation for q, _, _ in chunk}
+            rows = await self._repo.claim([q.id for q, _, _ in chunk], [n for _, _, n in chunk])
+            self.claims += 1
+            by_queue: dict[int, list[ClaimedAction]] = defaultdict(list)
+            for row in rows:
+                by_queue[row.queue_id].append(row)
+            short: list[QueueState] = []
+            for queue, slot, want in chunk:
+                got = sorted(by_queue.get(queue.id, ()), key=lambda r: (-r.priority, r.id))
+                if got:
+                    self._dispatcher.put(queue, got, slot)
+                if len(got) < want and queue.generation == generations[queue.id]:
+                    short.append(queue)
+                elif not got:
+                    self._schedule(queue, self._clock())
+            await self._settle_short(short)
+
+    async def _settle_short(self, short: list[QueueState]) -> None:
+        """Queues that came back short are drained, unless rows wait out a retry backoff."""
+        maybe_held = [q for q in short if q.held_until is not None]
+        held = await self._repo.next_not_before([q.id for q in maybe_held]) if maybe_held else {}
+        for queue in short:
+            at = held.get(queue.id)
+            queue.held_until = at.timestamp() if at is not None else None
+            if at is not None:
+                self._schedule(queue, at.timestamp())
+            else:
+                queue.active = False
+
+
+def _safe_policy(row: QueueRow) -> rates.RatePolicy:
+    try:
+        return effective_policy(row.policy, row.override)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.error("queue_policy_invalid", queue_id=row.id, error=str(exc))
+        return rates.RatePolicy.from_json(row.policy)

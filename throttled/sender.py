@@ -1,0 +1,533 @@
+"""Portal senders: batch due callbacks into completion requests within each portal's API budget.
+
+The queue's limiter is checked and charged here, at the instant a request is built, so the
+exact-rate invariant holds at send time whatever the scheduler planned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+
+from throttled import metrics
+from throttled.config import SenderConfig
+from throttled.db.repository import ClaimedAction, DatabaseError, Repository, Retry
+from throttled.hubspot.client import CompletionResult, HubSpotClient, TokenError
+from throttled.queues import QueueState
+from throttled.tokens import PortalNotConnected, Tokens
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], float]
+
+
+@dataclass(eq=False, slots=True)
+class _Batch:
+    queue: QueueState
+    rows: deque[ClaimedAction]
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """Rows of one request, with where they go next."""
+
+    done: list[tuple[ClaimedAction, float]] = field(default_factory=list)
+    retry: list[tuple[QueueState, Retry]] = field(default_factory=list)
+    failed: list[tuple[ClaimedAction, str, float | None]] = field(default_factory=list)
+    sends: list[tuple[int, float, int]] = field(default_factory=list)
+
+
+class Hooks:
+    """What the senders tell the scheduler (set by the scheduler; no-ops by default)."""
+
+    def dispatched(self, queue: QueueState) -> None:
+        """All the rows the sender held for this queue have gone out."""
+
+    def retry_at(self, queue: QueueState, at: float) -> None:
+        """Rows of this queue are pending again and claimable from `at`."""
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class ResultWriter:
+    """Collects request outcomes and writes them in few statements (group commit for results)."""
+
+    def __init__(self, repo: Repository, hooks: Hooks, *, interval_s: float = 0.02) -> None:
+        self._repo = repo
+        self._hooks = hooks
+        self._interval_s = interval_s
+        self._pending: list[_Outcome] = []
+        self._wake = asyncio.Event()
+
+    def add(self, outcome: _Outcome) -> None:
+        """Queue an outcome for the next write."""
+        self._pending.append(outcome)
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Write outcomes until stopped, then write the rest (shielded)."""
+        while not stop.is_set():
+            self._wake.clear()
+            if not self._pending:
+                await _wait(self._wake, None, stop)
+                continue
+            try:
+                await asyncio.shield(self.flush())
+            except DatabaseError:
+                await _wait(stop, 1.0)
+            await _wait(stop, self._interval_s)
+
+    async def flush(self) -> None:
+        """Write everything gathered so far; keep it for the next try if the database fails."""
+        outcomes, self._pending = self._pending, []
+        if not outcomes:
+            return
+        try:
+            await self._write(outcomes)
+        except DatabaseError as exc:
+            log.warning("result_write_failed", error=str(exc), outcomes=len(outcomes))
+            self._pending[:0] = outcomes
+            raise
+        for outcome in outcomes:
+            for queue, retry in outcome.retry:
+                at = retry.not_before.timestamp() if retry.not_before else 0.0
+                self._hooks.retry_at(queue, at)
+
+    async def _write(self, outcomes: Sequence[_Outcome]) -> None:
+        done = [(r.id, _utc(at)) for o in outcomes for r, at in o.done]
+        if done:
+            await self._repo.mark_done([d[0] for d in done], [d[1] for d in done])
+        retries = [rt for o in outcomes for _, rt in o.retry]
+        sends = [(q, _utc(at), n) for o in outcomes for q, at, n in o.sends]
+        if retries or sends:
+            await self._repo.mark_retry(retries, sends)
+        failed = [
+            (r.id, why, _utc(at) if at else None) for o in outcomes for r, why, at in o.failed
+        ]
+        if failed:
+            await self._repo.mark_failed(
+                [f[0] for f in failed], [f[1] for f in failed], [f[2] for f in failed]
+            )
+
+
+async def _wait(event: asyncio.Event, timeout: float | None, *others: asyncio.Event) -> None:
+    """Sleep until `event` (or any of `others`) is set, or the timeout passes."""
+    if event.is_set() or any(e.is_set() for e in others):
+        return
+    waiters = [asyncio.ensure_future(e.wait()) for e in (event, *others)]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+class Budget:
+    """A sliding-window request budget (HubSpot's per-portal limit)."""
+
+    def __init__(self, limit: int, interval_s: float) -> None:
+        self.limit = limit
+        self.interval_s = interval_s
+        self._log: deque[float] = deque()
+
+    def earliest(self, now: float) -> float:
+        """When the next request may go."""
+        while self._log and self._log[0] <= now - self.interval_s:
+            self._log.popleft()
+        if len(self._log) < self.limit:
+            return now
+        return self._log[-self.limit] + self.interval_s
+
+    def spend(self, at: float) -> None:
+        """Count one request at `at`."""
+        self._log.append(at)
+
+
+class PortalSender:
+    """One portal: due rows in, completion requests out, within the portal's budget."""
+
+    def __init__(self, portal_id: int, dispatcher: Dispatcher) -> None:
+        self.portal_id = portal_id
+        self._d = dispatcher
+        self._heap: list[tuple[float, int, _Batch]] = []
+        self._budget = Budget(
+            dispatcher.config.portal_requests, dispatcher.config.portal_interval_seconds
+        )
+        self._paused_until = 0.0
+        self._wake = asyncio.Event()
+        self._in_flight = asyncio.Semaphore(dispatcher.config.max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def held(self) -> int:
+        """Rows waiting here."""
+        return sum(len(b.rows) for _, _, b in self._heap)
+
+    def put(self, queue: QueueState, rows: Sequence[ClaimedAction], at: float) -> None:
+        """Hand over claimed rows of one queue, to go out no earlier than `at`."""
+        queue.in_sender += len(rows)
+        self._push(_Batch(queue, deque(rows)), at)
+
+    def _push(self, batch: _Batch, at: float) -> None:
+        heapq.heappush(self._heap, (at, next(self._d.seq), batch))
+        self._wake.set()
+
+    def pause(self, until: float) -> None:
+        """Stop sending until `until` (HubSpot said 429)."""
+        self._paused_until = max(self._paused_until, until)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Send until stopped; then wait for in-flight requests."""
+        try:
+            while not stop.is_set():
+                now = self._d.clock()
+                due = self._heap[0][0] if self._heap else None
+                if due is None:
+                    self._wake.clear()
+                    await _wait(self._wake, None, stop)
+                    continue
+                start = max(due, self._paused_until, self._budget.earliest(now))
+                if start > now:
+                    self._wake.clear()
+                    await _wait(self._wake, start - now, stop)
+                    continue
+                await self._in_flight.acquire()
+                if not self._send_one():
+                    self._in_flight.release()
+        finally:
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def drain_rows(self) -> list[ClaimedAction]:
+        """Remove and return every row still held (on shutdown, to release them)."""
+        rows = [r for _, _, b in self._heap for r in b.rows]
+        for _, _, b in self._heap:
+            b.queue.in_sender -= len(b.rows)
+        self._heap.clear()
+        return rows
+
+    def _send_one(self) -> bool:
+        at = self._d.clock()
+        rows, expired = self._fill(at)
+        if expired:
+            self._d.expire(expired)
+        if not rows:
+            return False
+        self._budget.spend(at)
+        task = asyncio.create_task(self._send(rows, at), name=f"send-{self.portal_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    def _fill(
+        self, at: float
+    ) -> tuple[list[tuple[QueueState, ClaimedAction]], list[ClaimedAction]]:
+        """Take due rows, queue by queue, as far as each limiter allows at `at`."""
+        room = self._d.config.batch_size
+        taken: list[tuple[QueueState, ClaimedAction]] = []
+        expired: list[ClaimedAction] = []
+        group: int | None = None
+        skipped: list[tuple[float, _Batch]] = []
+        margin = self._d.margin_s
+        while self._heap and self._heap[0][0] <= at and room > 0:
+            due, _, batch = heapq.heappop(self._heap)
+            queue = batch.queue
+            expired.extend(_pop_expired(batch, at))
+            if not batch.rows:
+                self._settled(queue, 0)
+                continue
+            if not taken:
+                group = batch.rows[0].split_group
+            if batch.rows[0].split_group != group:
+                skipped.append((due, batch))
+                continue
+            n = min(queue.limiter.allowance(at + margin), room, _run_length(batch.rows, group))
+            for _ in range(n):
+                taken.append((queue, batch.rows.popleft()))
+            if n:
+                queue.limiter.record(at + margin, n)
+                room -= n
+            self._settled(queue, n)
+            if batch.rows:
+                again = at if n and room == 0 else queue.limiter.earliest(at + margin)
+                skipped.append((again, batch))
+        for due, batch in skipped:
+            self._push(batch, due)
+        return taken, expired
+
+    def _settled(self, queue: QueueState, n: int) -> None:
+        queue.in_sender -= n
+        queue.sent += n
+        if queue.in_sender == 0:
+            self._d.hooks.dispatched(queue)
+
+    async def _send(self, rows: list[tuple[QueueState, ClaimedAction]], at: float) -> None:
+        try:
+            outcome = await self._attempt(rows, at)
+            self._d.writer.add(outcome)
+        except Exception:  # a bug here must not lose rows: release them for a later claim
+            log.exception("send_failed_unexpectedly", portal_id=self.portal_id, rows=len(rows))
+            self._d.writer.add(
+                _retry_all(rows, at, self._d.clock(), "internal error", counted=False, sent=False)
+            )
+        finally:
+            self._in_flight.release()
+            self._wake.set()
+
+    async def _attempt(self, rows: list[tuple[QueueState, ClaimedAction]], at: float) -> _Outcome:
+        d = self._d
+        try:
+            token = await d.tokens.access_token(self.portal_id)
+        except PortalNotConnected:
+            log.warning("portal_not_connected", portal_id=self.portal_id, rows=len(rows))
+            return _retry_all(
+                rows, at, at + 60.0, "portal not connected", counted=False, sent=False
+            )
+        except (TokenError, DatabaseError) as exc:
+            return _retry_all(
+                rows, at, at + d.backoff(1), f"token: {exc}", counted=False, sent=False
+            )
+        body = d.client.completion_body([r.callback_id for _, r in rows])
+        result = await d.client.complete_batch(token, body)
+        metrics.REQUESTS.inc(status=str(result.status))
+        return self._judge(rows, at, result)
+
+    def _judge(
+        self, rows: list[tuple[QueueState, ClaimedAction]], at: float, result: CompletionResult
+    ) -> _Outcome:
+        d = self._d
+        now = d.clock()
+        if result.ok:
+            metrics.COMPLETED.inc(len(rows))
+            return _Outcome(done=[(r, at) for _, r in rows])
+        if result.status == 429:
+            wait = (
+                result.retry_after_s or result.rate_interval_s or d.config.portal_interval_seconds
+            )
+            self.pause(now + wait)
+            log.warning(
+                "rate_limited", portal_id=self.portal_id, wait_s=wait, policy=result.policy_name
+            )
+            return _retry_all(
+                rows, at, now + wait, f"429 {result.message}", counted=False, sent=True
+            )
+        if result.status == 401:
+            d.tokens.invalidate(self.portal_id)
+        if result.status == 400 and len(rows) > 1:
+            return _bisect(rows, at, result.message, d.new_group)
+        if result.status == 400:
+            queue, row = rows[0]
+            log.warning(
+                "callback_rejected",
+                portal_id=self.portal_id,
+                callback_id=row.callback_id,
+                error=result.message,
+            )
+            return _Outcome(failed=[(row, f"400 {result.message}", at)], sends=[(queue.id, at, 1)])
+        reason = f"{result.status or 'network'} {result.message}".strip()
+        return self._failure(rows, at, now, reason)
+
+    def _failure(
+        self, rows: list[tuple[QueueState, ClaimedAction]], at: float, now: float, reason: str
+    ) -> _Outcome:
+        d = self._d
+        outcome = _Outcome(sends=_sends(rows, at))
+        for queue, row in rows:
+            if row.attempts + 1 >= d.config.max_attempts:
+                outcome.failed.append(
+                    (row, f"gave up after {row.attempts + 1} attempts: {reason}", None)
+                )
+                continue
+            failures = row.failures + 1
+            hold = failures % d.config.hold_after_failures == 0
+            delay = d.config.hold_s if hold else d.backoff(failures)
+            outcome.retry.append(
+                (
+                    queue,
+                    Retry(
+                        id=row.id,
+                        not_before=_utc(now + delay),
+                        error=reason,
+                        counted=True,
+                        split_group=row.split_group,
+                    ),
+                )
+            )
+        log.warning("send_failed", portal_id=self.portal_id, rows=len(rows), reason=reason)
+        return outcome
+
+
+def _run_length(rows: deque[ClaimedAction], group: int | None) -> int:
+    """How many leading rows belong to the request's split group."""
+    n = 0
+    for row in rows:
+        if row.split_group != group:
+            break
+        n += 1
+    return n
+
+
+def _pop_expired(batch: _Batch, at: float) -> list[ClaimedAction]:
+    """Remove rows whose HubSpot block has expired: sending them is pointless."""
+    if all(r.deadline.timestamp() > at for r in batch.rows):
+        return []
+    keep = deque(r for r in batch.rows if r.deadline.timestamp() > at)
+    gone = [r for r in batch.rows if r.deadline.timestamp() <= at]
+    batch.rows = keep
+    batch.queue.in_sender -= len(gone)
+    return gone
+
+
+def _sends(
+    rows: Sequence[tuple[QueueState, ClaimedAction]], at: float
+) -> list[tuple[int, float, int]]:
+    counts: dict[int, int] = {}
+    for queue, _ in rows:
+        counts[queue.id] = counts.get(queue.id, 0) + 1
+    return [(qid, at, n) for qid, n in counts.items()]
+
+
+def _retry_all(
+    rows: Sequence[tuple[QueueState, ClaimedAction]],
+    at: float,
+    not_before: float,
+    reason: str,
+    *,
+    counted: bool,
+    sent: bool,
+) -> _Outcome:
+    retries = [
+        (
+            q,
+            Retry(
+                id=r.id,
+                not_before=_utc(not_before),
+                error=reason,
+                counted=counted,
+                split_group=r.split_group,
+            ),
+        )
+        for q, r in rows
+    ]
+    return _Outcome(retry=retries, sends=_sends(rows, at) if sent else [])
+
+
+def _bisect(
+    rows: Sequence[tuple[QueueState, ClaimedAction]],
+    at: float,
+    reason: str,
+    new_group: Callable[[], int],
+) -> _Outcome:
+    """A rejected batch is split in two; each half is retried on its own to find the bad rows."""
+    half = len(rows) // 2
+    outcome = _Outcome(sends=_sends(rows, at))
+    for part in (rows[:half], rows[half:]):
+        group = new_group()
+        for q, r in part:
+            outcome.retry.append(
+                (
+                    q,
+                    Retry(
+                        id=r.id,
+                        not_before=None,
+                        error=f"400 {reason}",
+                        counted=False,
+                        split_group=group,
+                    ),
+                )
+            )
+    log.info("batch_bisected", rows=len(rows), reason=reason)
+    return outcome
+
+
+class Dispatcher:
+    """Owns the portal senders and the result writer."""
+
+    def __init__(
+        self,
+        *,
+        repo: Repository,
+        client: HubSpotClient,
+        tokens: Tokens,
+        config: SenderConfig,
+        clock: Clock,
+        hooks: Hooks | None = None,
+        margin_s: float = 0.005,
+    ) -> None:
+        self.repo = repo
+        self.client = client
+        self.tokens = tokens
+        self.config = config
+        self.clock = clock
+        self.hooks = hooks or Hooks()
+        self.margin_s = margin_s
+        self.writer = ResultWriter(repo, self.hooks)
+        self.seq = itertools.count()
+        self._senders: dict[int, PortalSender] = {}
+        self._group = itertools.count(random.randrange(1 << 40))
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop: asyncio.Event | None = None
+        self._expired: list[ClaimedAction] = []
+
+    def new_group(self) -> int:
+        """A fresh split-group id."""
+        return next(self._group)
+
+    def backoff(self, failures: int) -> float:
+        """Exponential backoff with full jitter."""
+        cap = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (failures - 1))
+        return random.uniform(cap / 2, cap)
+
+    def put(self, queue: QueueState, rows: Sequence[ClaimedAction], at: float) -> None:
+        """Hand claimed rows to their portal's sender."""
+        self._sender(queue.portal_id).put(queue, rows, at)
+
+    def expire(self, rows: list[ClaimedAction]) -> None:
+        """Rows whose block expired while claimed: never sent."""
+        self._expired.extend(rows)
+
+    def _sender(self, portal_id: int) -> PortalSender:
+        sender = self._senders.get(portal_id)
+        if sender is None:
+            if self._tg is None or self._stop is None:
+                raise RuntimeError("dispatcher not running")
+            sender = self._senders[portal_id] = PortalSender(portal_id, self)
+            self._tg.create_task(sender.run(self._stop), name=f"portal-sender-{portal_id}")
+        return sender
+
+    @property
+    def held(self) -> int:
+        """Rows waiting in all senders."""
+        return sum(s.held for s in self._senders.values())
+
+    async def run(self, stop: asyncio.Event, writer_stop: asyncio.Event) -> None:
+        """Run senders until `stop`, then release unsent rows; the writer until `writer_stop`."""
+        async with asyncio.TaskGroup() as outer:
+            outer.create_task(self.writer.run(writer_stop), name="result-writer")
+            outer.create_task(self._expire_loop(writer_stop), name="claimed-expiry")
+            async with asyncio.TaskGroup() as tg:
+                self._tg, self._stop = tg, stop
+                await stop.wait()
+            unsent = [r.id for s in self._senders.values() for r in s.drain_rows()]
+            if unsent:
+                await asyncio.shield(self.repo.release(unsent))
+            await asyncio.shield(self.writer.flush())
+            log.info("senders_stopped", released=len(unsent))
+
+    async def _expire_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await _wait(stop, 1.0)
+            rows, self._expired = self._expired, []
+            if rows:
+                await asyncio.shield(self.repo.mark_expired([r.id for r in rows]))
+                metrics.EXPIRED.inc(len(rows))
