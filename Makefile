@@ -26,8 +26,8 @@ test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(BIN)/ruff check throttled tests bench
-	$(BIN)/ruff format --check throttled tests bench
+	$(BIN)/ruff check throttled tests $(wildcard bench)
+	$(BIN)/ruff format --check throttled tests $(wildcard bench)
 	$(BIN)/mypy
 
 fmt: venv

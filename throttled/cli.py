@@ -150,7 +150,7 @@ def _sign(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from throttled.demo import run_demo  # type: ignore[import-not-found]
+    from throttled.demo import run_demo
 
     cfg = _load(args)
     return int(asyncio.run(run_demo(cfg, per_queue=args.per_queue)))

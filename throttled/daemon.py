@@ -190,7 +190,12 @@ async def _assemble(
         mock_refresh_token=(lambda p: f"mock-refresh-{p}") if fake else None,
     )
     dispatcher = Dispatcher(
-        repo=repo, client=client, tokens=tokens, config=config.sender, clock=clock
+        repo=repo,
+        client=client,
+        tokens=tokens,
+        config=config.sender,
+        clock=clock,
+        margin_s=config.sender.send_margin_ms / 1000,
     )
     scheduler = Scheduler(repo, dispatcher, clock=clock, lookahead_s=config.sender.lookahead_s)
     await scheduler.recover()

@@ -22,6 +22,7 @@ class QueueState:
     active: bool = False  # may have claimable rows
     generation: int = 0  # bumped on every notification; a claim that raced one stays active
     held_until: float | None = None  # earliest retry backoff known to be pending
+    next_at: float = float("inf")  # earliest claim time in the scheduler's heap
     sent: int = 0
     problems: list[str] = field(default_factory=list)
 

@@ -496,11 +496,15 @@ class _Reader:
     """Reads one source's fields; reports bad values as problems, or raises when strict."""
 
     def __init__(
-        self, fields: Mapping[str, Any], names: Mapping[str, tuple[str, ...]], where: str
+        self,
+        fields: Mapping[str, Any],
+        names: Mapping[str, tuple[str, ...]],
+        *,
+        where: str,
+        strict: bool,
     ) -> None:
-        self.fields, self.names, self.where = fields, names, where
+        self.fields, self.names, self.where, self.strict = fields, names, where, strict
         self.problems: list[str] = []
-        self.strict = False
 
     def find(self, key: str) -> tuple[str, Any] | None:
         """The first present (name, value) among a key's names."""
@@ -535,19 +539,24 @@ def _read_rate(r: _Reader) -> tuple[int | None, float | None]:
         r.get("count", parse_count),
         r.get("unit", parse_unit),
     )
-    given = {key: r.find(key) is not None for key in ("limit", "count", "unit")}
-    missing = [key for key in ("limit", "unit") if not given[key]]
-    if missing and any(given.values()):
-        other = ", ".join(r.names[k][0] for k in given if given[k])
-        r.report(r.names[missing[0]][0], f"missing (the rate needs it; {other} given)")
-    if limit is None or unit is None or (count is None and given["count"]):
+    _report_missing_rate_field(r)
+    if limit is None or unit is None or (count is None and r.find("count") is not None):
         return None, None
     period = (count or 1.0) * unit
     if period > MAX_PERIOD_S:
         name, value = r.find("count") or r.find("unit") or ("", None)
-        r.report(name, f"{value!r}: a period of {period:g} s exceeds 366 days")
+        r.report(name, f"{value!r} gives {period / 86_400:g} days, more than 366 days")
         return None, None
     return limit, period
+
+
+def _report_missing_rate_field(r: _Reader) -> None:
+    """Report a half-given rate (e.g. a limit without a unit); it cannot be used."""
+    given = [key for key in ("limit", "count", "unit") if r.find(key) is not None]
+    missing = [key for key in ("limit", "unit") if key not in given]
+    if given and missing:
+        other = ", ".join(r.names[key][0] for key in given)
+        r.report(r.names[missing[0]][0], f"missing (the rate needs it; {other} given)")
 
 
 def _read_spec(r: _Reader) -> PolicySpec:
@@ -567,18 +576,14 @@ def _read_spec(r: _Reader) -> PolicySpec:
 
 def parse_input_fields(fields: Mapping[str, Any]) -> tuple[PolicySpec, list[str]]:
     """A HubSpot action's inputFields as a PolicySpec; invalid values are left out, reported."""
-    reader = _Reader(fields, _INPUT_NAMES, "inputFields")
+    reader = _Reader(fields, _INPUT_NAMES, where="inputFields", strict=False)
     return _read_spec(reader), reader.problems
 
 
 def spec_from_mapping(d: Mapping[str, Any], *, where: str) -> PolicySpec:
-    """A PolicySpec from snake_case config keys (see SPEC_KEYS; others are ignored).
-
-    Raises ValueError naming ``where.key`` for an invalid value.
-    """
-    reader = _Reader(d, _CONFIG_NAMES, where)
-    reader.strict = True
-    return _read_spec(reader)
+    """A PolicySpec from snake_case config keys; ValueError naming ``where.key`` if invalid."""
+    # Keys outside SPEC_KEYS are ignored: the caller owns the section and checks its keys.
+    return _read_spec(_Reader(d, _CONFIG_NAMES, where=where, strict=True))
 
 
 def _first(values: Iterator[_T | None]) -> _T | None:
@@ -587,11 +592,10 @@ def _first(values: Iterator[_T | None]) -> _T | None:
 
 
 def resolve(specs: Sequence[PolicySpec]) -> RatePolicy:
-    """Combine sources in priority order into a RatePolicy (first source wins, per field).
-
-    The rate (limit and period together) comes from the first spec that has both. A timezone
-    alone restricts nothing, so the schedule is None unless days, hours or start_at is set.
-    """
+    """Combine sources, highest priority first, into a RatePolicy (first source wins)."""
+    # The rate (limit and period together) comes from the first spec that has both; the
+    # other fields each from the first spec that has them. A time zone alone restricts
+    # nothing, so there is no schedule unless days, hours or start_at is set.
     rates = ((s.limit, s.period_s) for s in specs if s.limit is not None and s.period_s is not None)
     rate = next(rates, None)
     if rate is None:
@@ -615,11 +619,11 @@ def resolve(specs: Sequence[PolicySpec]) -> RatePolicy:
 
 
 class Limiter:
-    """Exact-rate guard for one queue: at most N sends in every window (t - T, t].
+    """Exact-rate guard for one queue: at most N sends in every window (t - T, t]."""
 
-    Instants are epoch seconds (floats) and should be non-decreasing. An instant earlier than
-    the latest recorded send gets no allowance: sends are never placed behind the log.
-    """
+    # Instants are epoch seconds (floats) and should be non-decreasing. An instant earlier
+    # than the latest recorded send gets no allowance: sends are never placed behind the log,
+    # because the windows they would join may already be full (or pruned).
 
     def __init__(self, policy: RatePolicy) -> None:
         self._log: deque[tuple[float, int]] = deque()  # (instant, sends), ascending
@@ -703,12 +707,11 @@ class Limiter:
         return out
 
     def backlog_eta(self, at: float, backlog: int) -> float:
-        """Estimated instant a backlog is fully sent, counting schedule gaps approximately.
-
-        Busy time is (batches - 1) x T for window pacing, (backlog - 1) x T/N for even; it is
-        spread over the schedule's open time, measured over one week and repeated weekly
-        (DST shifts and batches straddling a close make this approximate).
-        """
+        """Estimated instant a backlog is fully sent, counting schedule gaps approximately."""
+        # Busy time is (batches - 1) x T for window pacing, (backlog - 1) x T/N for even,
+        # from the first release; it is laid over the schedule's open time, measured over
+        # one week and repeated weekly. DST shifts and batches straddling a close, and log
+        # entries expiring earlier than a full period, make this an estimate.
         if backlog <= 0:
             return at
         first = self.earliest(at)
@@ -812,7 +815,7 @@ class Limiter:
             if lo == math.inf:
                 return math.inf
             t = max(t, lo)
-            if hi - t >= left:
+            if hi - t > left:  # a send due exactly at the close goes at the next opening
                 return t + left
             left, t = left - (hi - t), hi
         return t + left

@@ -67,8 +67,8 @@ class Scheduler(Hooks):
                 self._unknown.add(queue_id)
                 continue
             queue.generation += 1
-            if not queue.active:
-                queue.active = True
+            queue.active = True
+            if not queue.in_sender:
                 self._schedule(queue, now)
         self._wake.set()
 
@@ -160,12 +160,14 @@ class Scheduler(Hooks):
         for row in await self._repo.get_queues(list(ids)):
             queue = self._track(row)
             queue.generation += 1
-            if not queue.active:
-                queue.active = True
+            queue.active = True
+            if not queue.in_sender:
                 self._schedule(queue, now)
 
     def _schedule(self, queue: QueueState, at: float) -> None:
-        heapq.heappush(self._heap, (at, next(self._seq), queue.id))
+        if at < queue.next_at:  # a later entry already in the heap is harmless: it re-checks
+            queue.next_at = at
+            heapq.heappush(self._heap, (at, next(self._seq), queue.id))
 
     def _claim_time(self, queue: QueueState, now: float) -> float:
         return queue.limiter.earliest(now) - self._lookahead_s
@@ -176,7 +178,10 @@ class Scheduler(Hooks):
         while self._heap and self._heap[0][0] <= now:
             _, _, queue_id = heapq.heappop(self._heap)
             queue = self.queues.get(queue_id)
-            if queue is None or not queue.active or queue.in_sender or queue_id in due:
+            if queue is None or queue_id in due:
+                continue
+            queue.next_at = float("inf")
+            if not queue.active or queue.in_sender:
                 continue
             slot = queue.limiter.earliest(now)
             if slot - self._lookahead_s > now:

@@ -45,6 +45,14 @@ class _Outcome:
     sends: list[tuple[int, float, int]] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _NoToken:
+    """No access token could be had: the rows wait `delay_s` and are not counted as sent."""
+
+    delay_s: float
+    reason: str
+
+
 class Hooks:
     """What the senders tell the scheduler (set by the scheduler; no-ops by default)."""
 
@@ -202,7 +210,9 @@ class PortalSender:
                     await _wait(self._wake, start - now, stop)
                     continue
                 await self._in_flight.acquire()
-                if not self._send_one():
+                # The token first: the send instant is charged only once nothing can delay it.
+                token = await self._token()
+                if not self._send_one(token):
                     self._in_flight.release()
         finally:
             if self._tasks:
@@ -216,15 +226,29 @@ class PortalSender:
         self._heap.clear()
         return rows
 
-    def _send_one(self) -> bool:
+    async def _token(self) -> str | _NoToken:
+        try:
+            return await self._d.tokens.access_token(self.portal_id)
+        except PortalNotConnected:
+            log.warning("portal_not_connected", portal_id=self.portal_id)
+            return _NoToken(60.0, "portal not connected")
+        except (TokenError, DatabaseError) as exc:
+            return _NoToken(self._d.backoff(1), f"token: {exc}")
+
+    def _send_one(self, token: str | _NoToken) -> bool:
         at = self._d.clock()
         rows, expired = self._fill(at)
         if expired:
             self._d.expire(expired)
         if not rows:
             return False
+        if isinstance(token, _NoToken):
+            self._d.writer.add(
+                _retry_all(rows, at, at + token.delay_s, token.reason, counted=False, sent=False)
+            )
+            return False
         self._budget.spend(at)
-        task = asyncio.create_task(self._send(rows, at), name=f"send-{self.portal_id}")
+        task = asyncio.create_task(self._send(rows, at, token), name=f"send-{self.portal_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
@@ -251,15 +275,16 @@ class PortalSender:
             if batch.rows[0].split_group != group:
                 skipped.append((due, batch))
                 continue
-            n = min(queue.limiter.allowance(at + margin), room, _run_length(batch.rows, group))
+            n = min(queue.limiter.allowance(at), room, _run_length(batch.rows, group))
             for _ in range(n):
                 taken.append((queue, batch.rows.popleft()))
             if n:
+                # Charged a little late: a safety margin for delivery jitter on the way out.
                 queue.limiter.record(at + margin, n)
                 room -= n
             self._settled(queue, n)
             if batch.rows:
-                again = at if n and room == 0 else queue.limiter.earliest(at + margin)
+                again = at if n and room == 0 else queue.limiter.earliest(at)
                 skipped.append((again, batch))
         for due, batch in skipped:
             self._push(batch, due)
@@ -271,9 +296,11 @@ class PortalSender:
         if queue.in_sender == 0:
             self._d.hooks.dispatched(queue)
 
-    async def _send(self, rows: list[tuple[QueueState, ClaimedAction]], at: float) -> None:
+    async def _send(
+        self, rows: list[tuple[QueueState, ClaimedAction]], at: float, token: str
+    ) -> None:
         try:
-            outcome = await self._attempt(rows, at)
+            outcome = await self._attempt(rows, at, token)
             self._d.writer.add(outcome)
         except Exception:  # a bug here must not lose rows: release them for a later claim
             log.exception("send_failed_unexpectedly", portal_id=self.portal_id, rows=len(rows))
@@ -284,19 +311,10 @@ class PortalSender:
             self._in_flight.release()
             self._wake.set()
 
-    async def _attempt(self, rows: list[tuple[QueueState, ClaimedAction]], at: float) -> _Outcome:
+    async def _attempt(
+        self, rows: list[tuple[QueueState, ClaimedAction]], at: float, token: str
+    ) -> _Outcome:
         d = self._d
-        try:
-            token = await d.tokens.access_token(self.portal_id)
-        except PortalNotConnected:
-            log.warning("portal_not_connected", portal_id=self.portal_id, rows=len(rows))
-            return _retry_all(
-                rows, at, at + 60.0, "portal not connected", counted=False, sent=False
-            )
-        except (TokenError, DatabaseError) as exc:
-            return _retry_all(
-                rows, at, at + d.backoff(1), f"token: {exc}", counted=False, sent=False
-            )
         body = d.client.completion_body([r.callback_id for _, r in rows])
         result = await d.client.complete_batch(token, body)
         metrics.REQUESTS.inc(status=str(result.status))
@@ -462,7 +480,7 @@ class Dispatcher:
         config: SenderConfig,
         clock: Clock,
         hooks: Hooks | None = None,
-        margin_s: float = 0.005,
+        margin_s: float = 0.002,
     ) -> None:
         self.repo = repo
         self.client = client

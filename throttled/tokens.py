@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import structlog
 
@@ -52,6 +52,7 @@ class Tokens:
         self._mock_refresh = mock_refresh_token
         self._cache: dict[int, _Cached] = {}
         self._locks: dict[int, asyncio.Lock] = {}
+        self._stale: set[int] = set()
         self.refreshes = 0
 
     async def connect(self, portal_id: int, refresh_token: str) -> None:
@@ -61,8 +62,9 @@ class Tokens:
         self._cache.pop(portal_id, None)
 
     def invalidate(self, portal_id: int) -> None:
-        """Forget the cached token (after a 401) so the next call refreshes."""
+        """Distrust the current token (HubSpot said 401): the next call refreshes."""
         self._cache.pop(portal_id, None)
+        self._stale.add(portal_id)
 
     async def access_token(self, portal_id: int) -> str:
         """A token valid for at least the margin; refreshes when needed."""
@@ -83,7 +85,7 @@ class Tokens:
             row = await self._repo.get_portal(portal_id)
         if row is None or row.refresh_token is None:
             raise PortalNotConnected(f"portal {portal_id} has no stored refresh token")
-        if row.access_token and row.access_expires_at:
+        if row.access_token and row.access_expires_at and portal_id not in self._stale:
             expires = row.access_expires_at.timestamp()
             if expires - self._margin_s > self._clock():
                 token = self._keyring.decrypt(row.access_token, aad=_aad(portal_id, "access"))
@@ -99,6 +101,7 @@ class Tokens:
             log.warning("token_refresh_failed", portal_id=portal_id, error=str(exc))
             raise
         self.refreshes += 1
+        self._stale.discard(portal_id)
         expires = self._clock() + granted.expires_in
         await self._repo.save_tokens(
             portal_id,
@@ -109,8 +112,3 @@ class Tokens:
         self._cache[portal_id] = _Cached(granted.access_token, expires)
         log.info("token_refreshed", portal_id=portal_id, expires_in=granted.expires_in)
         return granted.access_token
-
-
-def expiry_after(seconds: float) -> datetime:
-    """An aware UTC datetime `seconds` from now."""
-    return datetime.now(UTC) + timedelta(seconds=seconds)
