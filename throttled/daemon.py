@@ -254,15 +254,16 @@ def _bound_port(runner: web.AppRunner, configured: int) -> int:
 async def _run(
     runtime: Runtime, stop: asyncio.Event, on_ready: Callable[[Runtime], None] | None
 ) -> None:
-    ingest_stop, send_stop, writer_stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    ingest_stop, claim_stop = asyncio.Event(), asyncio.Event()
+    send_stop, writer_stop = asyncio.Event(), asyncio.Event()
     config = runtime.config
     async with asyncio.TaskGroup() as tg:
         ingest_task = tg.create_task(runtime.ingest.run(ingest_stop), name="ingest")
-        tg.create_task(runtime.scheduler.run(send_stop), name="scheduler")
+        claim_task = tg.create_task(runtime.scheduler.run(claim_stop), name="scheduler")
         send_task = tg.create_task(
             runtime.dispatcher.run(send_stop, writer_stop), name="dispatcher"
         )
-        tg.create_task(maintenance(runtime, send_stop), name="maintenance")
+        tg.create_task(maintenance(runtime, claim_stop), name="maintenance")
         log.info("throttled_ready", url=runtime.url, pid=os.getpid(), mock=config.hubspot.mock)
         if on_ready is not None:
             on_ready(runtime)
@@ -271,13 +272,16 @@ async def _run(
         runtime.services.stopping = True
         try:
             async with asyncio.timeout(config.server.shutdown_timeout_s):
-                ingest_stop.set()
+                ingest_stop.set()  # commit what is buffered; new requests already get 503
                 await asyncio.wait([ingest_task])
-                send_stop.set()
+                claim_stop.set()  # no new claims ...
+                await asyncio.wait([claim_task])
+                send_stop.set()  # ... then finish in-flight sends and release the rest
                 writer_stop.set()
                 await asyncio.wait([send_task])
         except TimeoutError:
             log.error("shutdown_timeout", timeout_s=config.server.shutdown_timeout_s)
+            claim_stop.set()
             send_stop.set()
             writer_stop.set()
     log.info("shutdown_complete")
