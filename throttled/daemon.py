@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ from throttled.tokens import Tokens
 from throttled.web.app import Services, make_app
 
 log = structlog.get_logger(__name__)
+
+
+DEV_SECRET = "dev-client-secret-placeholder"  # throttled.dev.toml's, printed in mock mode
 
 
 class StartupError(Exception):
@@ -265,6 +269,8 @@ async def _run(
         )
         tg.create_task(maintenance(runtime, claim_stop), name="maintenance")
         log.info("throttled_ready", url=runtime.url, pid=os.getpid(), mock=config.hubspot.mock)
+        if config.hubspot.mock:
+            print(_try_it(runtime), file=sys.stderr, flush=True)
         if on_ready is not None:
             on_ready(runtime)
         await stop.wait()
@@ -285,6 +291,26 @@ async def _run(
             send_stop.set()
             writer_stop.set()
     log.info("shutdown_complete")
+
+
+def _try_it(runtime: Runtime) -> str:
+    """How to send a signed test action to a mock-mode daemon."""
+    base = runtime.config.server.public_url.rstrip("/") or runtime.url
+    # Only the development placeholder is ever printed; a real secret stays out of the output.
+    configured = runtime.config.hubspot.client_secret.reveal()
+    secret = configured if configured == DEV_SECRET else "<hubspot.client_secret>"
+    body = (
+        '{"callbackId":"ap-62515-1-1-0","origin":{"portalId":62515,"actionDefinitionId":7},'
+        '"context":{"source":"WORKFLOWS","workflowId":9},"object":{"objectId":1,'
+        '"objectType":"CONTACT"},"inputFields":{"maxThroughput":"2","timeUnit":"seconds"}}'
+    )
+    return (
+        "\nMock mode: completions go to a built-in fake HubSpot. Send a signed test action:\n"
+        f"  echo '{body}' > /tmp/action.json\n"
+        f'  eval "$(throttled sign --secret {secret} --url {base}/api/hubspot/action'
+        ' --body /tmp/action.json --curl)"\n'
+        f"  curl -s {runtime.url}/metrics | grep completed\n"
+    )
 
 
 async def maintenance(runtime: Runtime, stop: asyncio.Event) -> None:
