@@ -104,6 +104,10 @@ class Ingest:
             log.warning("ingest_flush_failed", rows=len(batch), error=str(exc))
             _settle(batch, exc)
             return
+        except Exception as exc:  # never leave a submitter waiting forever
+            log.exception("ingest_flush_crashed", rows=len(batch))
+            _settle(batch, DatabaseError(f"{type(exc).__name__}: {exc}"))
+            return
         self.batches += 1
         self.rows += len(batch)
         _settle(batch, None)

@@ -70,9 +70,11 @@ def _utc(ts: float) -> datetime:
 class ResultWriter:
     """Collects request outcomes and writes them in few statements (group commit for results)."""
 
-    def __init__(self, repo: Repository, hooks: Hooks, *, interval_s: float = 0.02) -> None:
+    def __init__(
+        self, repo: Repository, hooks: Callable[[], Hooks], *, interval_s: float = 0.02
+    ) -> None:
         self._repo = repo
-        self._hooks = hooks
+        self._hooks = hooks  # looked up at each flush: the scheduler installs itself later
         self._interval_s = interval_s
         self._pending: list[_Outcome] = []
         self._wake = asyncio.Event()
@@ -109,7 +111,7 @@ class ResultWriter:
         for outcome in outcomes:
             for queue, retry in outcome.retry:
                 at = retry.not_before.timestamp() if retry.not_before else 0.0
-                self._hooks.retry_at(queue, at)
+                self._hooks().retry_at(queue, at)
 
     async def _write(self, outcomes: Sequence[_Outcome]) -> None:
         done = [(r.id, _utc(at)) for o in outcomes for r, at in o.done]
@@ -489,7 +491,7 @@ class Dispatcher:
         self.clock = clock
         self.hooks = hooks or Hooks()
         self.margin_s = margin_s
-        self.writer = ResultWriter(repo, self.hooks)
+        self.writer = ResultWriter(repo, lambda: self.hooks)
         self.seq = itertools.count()
         self._senders: dict[int, PortalSender] = {}
         self._group = itertools.count(random.randrange(1 << 40))

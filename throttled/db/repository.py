@@ -25,6 +25,13 @@ class DatabaseUnavailable(DatabaseError):
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    # "database is not currently accepting connections" (55000), raised while connecting
+    asyncpg.exceptions.ObjectNotInPrerequisiteStateError,
+    # a pooled connection the server killed, handed out before its EOF (asyncpg#1069)
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.TooManyConnectionsError,

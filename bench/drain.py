@@ -1,0 +1,709 @@
+"""Drain benchmark: many backlogged queues at 1 per second each, against a fake HubSpot.
+
+1. A scratch database gets Q queues (policy: 1 per 1 s, window pacing) spread over P portals
+   (ids 1..P) and enough pending actions per queue for the whole run, inserted directly
+   with INSERT … SELECT generate_series, rows of all queues interleaved as arrivals would be.
+2. bench/fake_server.py runs throttled's FakeHubSpot in its own process (HubSpot's per-portal
+   limit of 110 requests per 10 s enforced); `throttled portals connect` stores a refresh
+   token for each portal.
+3. `throttled serve` (hubspot.api_base_url = the fake) drains for --duration seconds. Every
+   --probe-interval a signed action goes to a fresh, idle queue over HTTP; its first-send
+   latency is the time from the daemon's 200 answer to the fake's arrival of its callback.
+4. SIGTERM to the daemon, then to the fake, which dumps its receive log.
+
+Printed: callbacks/s over the steady part (after --warmup, before the stop), window
+violations (queues with more than 1 send in some half-open 1 s window, retries and
+rejected requests included), the daemon's CPU seconds per 1,000 callbacks, the idle-queue
+first-send latency, claim statements per second and the per-portal request peak.
+
+The last line printed is a one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import math
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import aiohttp
+import harness
+from harness import fmt_ms, percentile, phase
+
+from throttled.hubspot.fake import max_in_window
+from throttled.hubspot.signature import sign_headers
+from throttled.rates import RatePolicy
+
+ACTION_ID = 7
+ACTION_PATH = "/api/hubspot/action"
+PROBE_WORKFLOW_BASE = 900_000_000
+CLIENT_ID = "bench-client-id"
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="short smoke run (10 s of draining)")
+    p.add_argument("--duration", type=float, help="seconds of draining (default 60)")
+    p.add_argument("--queues", type=int, default=10_000, help="backlogged queues")
+    p.add_argument("--portals", type=int, default=20, help="portals (ids 1..P)")
+    p.add_argument(
+        "--rows-per-queue", type=int, help="backlog per queue (default: duration x 1.2 + 10)"
+    )
+    p.add_argument("--warmup", type=float, help="seconds left out at the start of the rate")
+    p.add_argument("--probe-interval", type=float, default=0.2, help="idle-queue probe period")
+    p.add_argument(
+        "--fake-budget", default="110/10", help="fake's per-portal limit, requests/s ('none')"
+    )
+    p.add_argument("--pg-url", default=harness.DEFAULT_PG, help="PostgreSQL server URL")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    p.add_argument(
+        "--profile", action="store_true", help="run the daemon under cProfile (diagnosis only)"
+    )
+    args = p.parse_args()
+    args.duration = args.duration or (10.0 if args.quick else 60.0)
+    args.rows_per_queue = args.rows_per_queue or math.ceil(args.duration * 1.2) + 10
+    if args.warmup is None:
+        args.warmup = min(10.0, max(3.0, args.duration * 0.15))
+    return args
+
+
+# -- seeding ----------------------------------------------------------------------------------
+
+SEED_QUEUES = """
+INSERT INTO queues (key, portal_id, policy)
+SELECT 'queue:' || ((g - 1) %% %s + 1) || ':' || g || ':' || %s || ':0',
+       (g - 1) %% %s + 1, %s::jsonb
+FROM generate_series(1, %s) AS g
+ORDER BY g
+"""
+
+# Interleaved by arrival (n), as a backlog built by many workflows at once would be.
+SEED_ACTIONS = """
+INSERT INTO actions (callback_id, queue_id, portal_id, deadline, workflow_id,
+                     object_type, object_id, input_fields)
+SELECT 'ap-' || q.portal_id || '-' || q.id || '-' || n, q.id, q.portal_id,
+       now() + interval '6 days', q.id, 'CONTACT', (q.id * 100000 + n)::text, '{}'::jsonb
+FROM generate_series(1, %s) AS n CROSS JOIN queues q
+ORDER BY n, q.id
+"""
+
+
+def seed(db: harness.ScratchDatabase, args: argparse.Namespace) -> dict[str, Any]:
+    """Insert the queues and their backlog; VACUUM ANALYZE so the planner knows the table."""
+    policy = json.dumps(RatePolicy(limit=1, period_s=1.0, pacing="window").to_json())
+    with db.connect() as conn:
+        conn.execute(SEED_QUEUES, (args.portals, ACTION_ID, args.portals, policy, args.queues))
+        conn.execute(SEED_ACTIONS, (args.rows_per_queue,))
+        conn.commit()
+    with db.connect(autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE queues")
+        conn.execute("VACUUM ANALYZE actions")
+        row = conn.execute("SELECT count(*), count(DISTINCT queue_id) FROM actions").fetchone()
+    return {"policy": policy, "actions": row[0] if row else 0, "queues": row[1] if row else 0}
+
+
+# -- sampling while the daemon runs --------------------------------------------------------------
+
+
+class Sampler:
+    """Every `period` s (in a thread): daemon and backend CPU, the database's commits."""
+
+    def __init__(self, meter: harness.CpuMeter, pg_url: str, db: str, pids: dict[str, int]) -> None:
+        self.meter = meter
+        self.samples: list[tuple[float, dict[str, Any], int]] = []
+        self._pids = pids
+        self._stats = harness.psycopg.connect(pg_url, autocommit=True)
+        self._db = db
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def start(self) -> None:
+        """Begin sampling."""
+        self._thread.start()
+
+    def _run(self, period: float = 0.5) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(period)
+
+    def sample(self) -> None:
+        """Take one sample now."""
+        row = self._stats.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (self._db,)
+        ).fetchone()
+        snap = self.meter.snapshot(self._pids)
+        self.samples.append((time.time(), snap, int(row[0]) if row else 0))
+
+    def stop(self) -> None:
+        """Stop sampling (one last sample is taken)."""
+        self._stop.set()
+        self._thread.join(5)
+        self._stats.close()
+
+    def at(self, t: float) -> tuple[dict[str, Any], int, float] | None:
+        """The sample nearest to wall time t: (snapshot, commits, its wall time)."""
+        if not self.samples:
+            return None
+        nearest = min(self.samples, key=lambda s: abs(s[0] - t))
+        return nearest[1], nearest[2], nearest[0]
+
+
+# -- idle-queue probes ---------------------------------------------------------------------------
+
+
+async def probe(
+    base_url: str, secret: str, args: argparse.Namespace, stop_at: float
+) -> list[dict[str, Any]]:
+    """Every probe_interval, one signed action to a fresh idle queue; record the 200's time."""
+    url = base_url + ACTION_PATH
+    results: list[dict[str, Any]] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def one(session: aiohttp.ClientSession, k: int) -> None:
+        portal = 1 + k % args.portals
+        cid = f"ap-{portal}-idle{k}-0"
+        body = json.dumps(
+            {
+                "callbackId": cid,
+                "origin": {"portalId": portal, "actionDefinitionId": ACTION_ID},
+                "context": {"source": "WORKFLOWS", "workflowId": PROBE_WORKFLOW_BASE + k},
+                "object": {"objectId": k, "objectType": "CONTACT"},
+                "inputFields": {},
+            }
+        ).encode()
+        headers = {"Content-Type": "application/json"}
+        headers.update(sign_headers(secret, "POST", url, body, version="v2"))
+        sent = time.time()
+        try:
+            async with session.post(url, data=body, headers=headers) as resp:
+                await resp.read()
+                answered = time.time()
+                results.append({"cid": cid, "status": resp.status, "sent": sent, "at": answered})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            results.append({"cid": cid, "status": type(exc).__name__, "sent": sent, "at": None})
+
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        k = 0
+        t0 = time.monotonic()
+        while time.time() < stop_at:
+            tasks.append(asyncio.create_task(one(session, k)))
+            k += 1
+            await asyncio.sleep(max(0.0, t0 + k * args.probe_interval - time.monotonic()))
+        await asyncio.gather(*tasks)
+    return results
+
+
+async def poll_health(base_url: str, stop_at: float, period: float = 0.05) -> list[float]:
+    """GET /healthz every `period` s; its latency shows the daemon's event-loop stalls."""
+    lat: list[float] = []
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while time.time() < stop_at:
+            t = time.monotonic()
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(base_url + "/healthz") as resp:
+                    await resp.read()
+                    lat.append(time.monotonic() - t)
+            await asyncio.sleep(max(0.0, period - (time.monotonic() - t)))
+    return lat
+
+
+async def during_run(
+    base_url: str, secret: str, args: argparse.Namespace, stop_at: float
+) -> tuple[list[dict[str, Any]], list[float]]:
+    """Probes and the health poller, side by side."""
+    probes, health = await asyncio.gather(
+        probe(base_url, secret, args, stop_at), poll_health(base_url, stop_at)
+    )
+    return probes, health
+
+
+# -- the benchmark -------------------------------------------------------------------------------
+
+
+class DrainBench:
+    """One run of the drain benchmark."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.children = harness.Children()
+        self.tmp = Path(tempfile.mkdtemp(prefix="throttled-bench-drain-"))
+        self.db = harness.ScratchDatabase(args.pg_url, f"throttled_bench_{os.getpid()}")
+        self.secret = "bench-" + secrets.token_hex(16)
+        self.port = harness.free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.config = self.tmp / "throttled.toml"
+        self.daemon_log = self.tmp / "daemon.log"
+        self.profile = self.tmp / "daemon.prof" if args.profile else None
+        self.fake_out = self.tmp / "fake-log.json"
+        self.meter: harness.CpuMeter | None = None
+        self.sampler: Sampler | None = None
+
+    def run(self) -> str:
+        """The whole benchmark; returns the summary line."""
+        a = self.args
+        print(f"drain benchmark: temp dir {self.tmp}, database {self.db.name}")
+        print(
+            f"{a.queues:,} queues at 1/s (window) over {a.portals} portals, {a.duration:g} s, "
+            f"{a.rows_per_queue} rows per queue; probe every {a.probe_interval:g} s; "
+            f"fake HubSpot per-portal limit {a.fake_budget}; cpus: {os.cpu_count()}"
+        )
+        fake_url = self._start_fake()
+        with phase("scratch database + migrate"):
+            self.db.create()
+            self._write_config(fake_url)
+            out = harness.run_cli(["migrate", "--config", str(self.config)], harness.child_env())
+            print("   " + out.strip())
+        with phase("seeding the backlog"):
+            seeded = seed(self.db, a)
+            print(f"   {seeded['actions']:,} actions in {seeded['queues']:,} queues")
+            print(f"   policy {seeded['policy']}")
+        with phase(f"connecting {a.portals} portals (throttled portals connect)"):
+            self._connect_portals()
+        run = self._drain()
+        return self._report(run)
+
+    def _start_fake(self) -> str:
+        ready = self.tmp / "fake.url"
+        argv = [
+            harness.PYTHON, str(harness.BENCH / "fake_server.py"),
+            "--client-id", CLIENT_ID, "--client-secret", self.secret,
+            "--portal-budget", self.args.fake_budget,
+            "--ready-file", str(ready), "--out", str(self.fake_out),
+        ]  # fmt: skip
+        log = self.tmp / "fake.log"
+        self.fake = self.children.start("fake", argv, env=harness.child_env(), stderr=log)
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if self.fake.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fake HubSpot did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        url = ready.read_text().strip()
+        print(f"fake HubSpot at {url} (pid {self.fake.pid})")
+        return url
+
+    def _write_config(self, fake_url: str) -> None:
+        harness.write_config(
+            self.config,
+            {
+                "server": {
+                    "host": "127.0.0.1",
+                    "port": self.port,
+                    "public_url": self.base_url,
+                    "shutdown_timeout_s": 20.0,
+                },
+                "database": {"url": self.db.url, "data_dir": str(self.tmp / "var")},
+                "hubspot": {
+                    "mock": False,
+                    "client_id": CLIENT_ID,
+                    "client_secret": self.secret,
+                    "api_base_url": fake_url,
+                    "auth_base_url": fake_url,
+                },
+                "security": {"encryption_key": base64.b64encode(secrets.token_bytes(32)).decode()},
+                "logging": {"level": "warning", "format": "json"},
+            },
+        )
+
+    def _connect_portals(self, parallel: int = 4) -> None:
+        env = harness.child_env()
+        pending = list(range(1, self.args.portals + 1))
+        running: list[tuple[int, subprocess.Popen[bytes]]] = []
+        while pending or running:
+            while pending and len(running) < parallel:
+                portal = pending.pop(0)
+                argv = [
+                    str(harness.THROTTLED), "portals", "connect", "--portal-id", str(portal),
+                    "--refresh-token", f"mock-refresh-{portal}", "--config", str(self.config),
+                ]  # fmt: skip
+                running.append((portal, self.children.start(f"connect-{portal}", argv, env=env)))
+            portal, proc = running.pop(0)
+            if proc.wait(60) != 0:
+                raise RuntimeError(f"throttled portals connect --portal-id {portal} failed")
+
+    def _drain(self) -> dict[str, Any]:
+        a = self.args
+        argv = harness.serve_argv(self.config, self.profile)
+        proc = self.children.start("daemon", argv, env=harness.child_env(), stderr=self.daemon_log)
+        harness.wait_http(self.base_url + "/readyz", proc, 60, self.daemon_log)
+        ready_at = time.time()
+        self.meter = harness.CpuMeter(a.pg_url, self.db.name)
+        pids = {"daemon": proc.pid, "fake": self.fake.pid, "bench": os.getpid()}
+        self.sampler = Sampler(self.meter, a.pg_url, self.db.name, pids)
+        self.sampler.start()
+        with phase(f"draining for {a.duration:g} s (daemon pid {proc.pid})"):
+            stop_at = ready_at + a.duration
+            probes, health = asyncio.run(during_run(self.base_url, self.secret, a, stop_at))
+            time.sleep(max(0.0, stop_at - time.time()))
+            self.sampler.sample()
+            metrics = harness.http_get(self.base_url + "/metrics")
+        with phase("stopping the daemon (SIGTERM)"):
+            stopped_at = time.time()
+            exit_code = self.children.stop(proc, timeout=40)
+            stop_s = time.time() - stopped_at
+            print(f"   exit code {exit_code} after {stop_s:.1f} s")
+        self.sampler.stop()
+        with phase("stopping the fake HubSpot (dumps its receive log)"):
+            self.children.stop(self.fake, timeout=60)
+            fake = json.loads(self.fake_out.read_text())
+            print(f"   {len(fake['requests']):,} requests received")
+        return {
+            "ready_at": ready_at,
+            "stopped_at": stopped_at,
+            "exit_code": exit_code,
+            "stop_s": stop_s,
+            "probes": probes,
+            "health": health,
+            "fake": fake,
+            "metrics": metrics,
+        }
+
+    def _report(self, run: dict[str, Any]) -> str:
+        a = self.args
+        requests = run["fake"]["requests"]
+        status = Counter(str(r[2]) for r in requests)
+        # Every send counts for the window check, retries and rejected requests included.
+        sends: dict[str, list[float]] = defaultdict(list)
+        done_at: list[tuple[float, int]] = []
+        completed: Counter[str] = Counter()
+        per_portal: dict[int, list[float]] = defaultdict(list)
+        probe_arrival: dict[str, float] = {}
+        for at, portal, code, cids in requests:
+            per_portal[portal or 0].append(at)
+            backlog = 0
+            for cid in cids:
+                sends[cid.rsplit("-", 1)[0]].append(at)
+                if code == 204:
+                    completed[cid] += 1
+                    if "-idle" in cid:
+                        probe_arrival.setdefault(cid, at)
+                    else:
+                        backlog += 1
+            if backlog:
+                done_at.append((at, backlog))
+        backlog_queues = {q: t for q, t in sends.items() if "-idle" not in q}
+        violations = [q for q, t in backlog_queues.items() if max_in_window(t, 1.0) > 1]
+        gaps = [y - x for t in backlog_queues.values() for x, y in itertools.pairwise(sorted(t))]
+        duplicates = sum(1 for n in completed.values() if n > 1)
+
+        print("\n== drain results ==")
+        # Steady part: after the warm-up, up to 0.5 s before SIGTERM; a whole number of seconds
+        # so that every queue's once-a-second burst is counted the same number of times.
+        first = min((at for at, _ in done_at), default=math.nan)
+        start = first + a.warmup
+        length = math.floor(run["stopped_at"] - 0.5 - start)
+        rate = math.nan
+        buckets: list[int] = []
+        if length >= 1:
+            end = start + length
+            in_window = sum(n for at, n in done_at if start <= at < end)
+            rate = in_window / length
+            per_s = Counter(math.floor(at - start) for at, n in done_at for _ in range(n))
+            buckets = [per_s.get(i, 0) for i in range(length)]
+            print(
+                f"first callback {first - run['ready_at']:.2f} s after the daemon was ready; "
+                f"steady window {length} s from +{start - run['ready_at']:.1f} s"
+            )
+        else:
+            print("!! run too short for a steady window (raise --duration or lower --warmup)")
+            end = start
+        target = 0.98 * a.queues
+        total_done = sum(n for _, n in done_at)
+        print(f"callbacks/s (steady)  : {rate:,.0f}  (ideal {a.queues:,}; target >= {target:,.0f})")
+        if buckets:
+            print(
+                f"  per second          : min {min(buckets):,}  median "
+                f"{statistics.median(buckets):,.0f}  max {max(buckets):,}"
+            )
+        print(
+            f"  whole run           : {total_done:,} backlog callbacks completed, "
+            f"{duplicates} completed twice"
+        )
+        counted = [len(t) for q, t in backlog_queues.items()]
+        print(
+            f"  queues served       : {len(backlog_queues):,} of {a.queues:,}; sends per queue "
+            f"min {min(counted, default=0)} max {max(counted, default=0)}"
+        )
+        print(
+            f"window violations     : {len(violations)} queue(s) with > 1 send in a 1 s window"
+            f" (must be 0); smallest gap between a queue's sends "
+            f"{min(gaps, default=math.nan):.4f} s, p0.1 {percentile(gaps, 0.1):.4f} s"
+        )
+        for q in violations[:5]:
+            t = sorted(backlog_queues[q])
+            close = [f"{y - x:.4f}" for x, y in itertools.pairwise(t) if y - x < 1.0]
+            print(f"    {q}: gaps < 1 s: {', '.join(close[:5])}")
+        self._send_side(requests, violations, run["stopped_at"])
+        codes = ", ".join(f"{k}: {v:,}" for k, v in sorted(status.items()))
+        peak = {p: max_in_window(t, 10.0) for p, t in per_portal.items()}
+        print(
+            f"fake HubSpot requests : {len(requests):,} ({codes}); busiest portal "
+            f"{max(peak.values(), default=0)} requests in a 10 s window (daemon budget 100, "
+            f"HubSpot 110); token requests {run['fake']['token_requests']}"
+        )
+        cpu = self._cpu(start, end, done_at)
+        probes = self._probes(run["probes"], probe_arrival)
+        health = run["health"]
+        lag = run["fake"].get("loop_lag", {})
+        hd = run["fake"].get("handler_delay", {})
+        print(
+            f"daemon responsiveness : GET /healthz every 50 ms, latency p50 "
+            f"{fmt_ms(percentile(health, 50))}, p99 {fmt_ms(percentile(health, 99))}, max "
+            f"{fmt_ms(max(health, default=math.nan))} ({len(health)} polls)"
+        )
+        print(
+            f"fake's own loop lag   : p50 {fmt_ms(lag.get('p50', math.nan))}, p99 "
+            f"{fmt_ms(lag.get('p99', math.nan))}, max {fmt_ms(lag.get('max', math.nan))} "
+            "(bounds how late it can stamp an arrival)"
+        )
+        print(
+            f"fake's handler delay  : first bytes -> handler start p50 "
+            f"{fmt_ms(hd.get('p50', math.nan))}, p99 {fmt_ms(hd.get('p99', math.nan))}, max "
+            f"{fmt_ms(hd.get('max', math.nan))} (arrivals are stamped at the first bytes)"
+        )
+        claims = self._claims(start, end)
+        print(
+            f"daemon stopped with exit code {run['exit_code']} in {run['stop_s']:.1f} s; "
+            f"rows by state after the stop: {claims['states']}"
+        )
+        bad = harness.print_log_events(self.daemon_log, "daemon log (level >= warning)")
+        if self.profile is not None:
+            harness.print_profile(self.profile)
+            print("!! --profile: the daemon ran under cProfile; its figures above are not valid")
+        if a.keep:
+            print(f"kept {self.tmp}")
+        return (
+            f"SUMMARY drain: {rate:,.0f} callbacks/s steady (target >= {target:,.0f}, "
+            f"{a.queues:,} queues x 1/s); window violations {len(violations)} (must be 0); "
+            f"daemon CPU {cpu:.3f} s per 1,000 callbacks; idle first-send p99 "
+            f"{fmt_ms(probes['p99'])} (target < 100 ms, {probes['n']} probes, "
+            f"{probes['missing']} missing); claim statements {claims['per_s']:.1f}/s; "
+            f"non-2xx from fake {sum(v for k, v in status.items() if k != '204')}; "
+            f"daemon log warnings+ {bad}"
+        )
+
+    def _send_side(
+        self, requests: list[list[Any]], violations: list[str], stopped_at: float
+    ) -> None:
+        """The same check on the daemon's own send instants (sent_at), and the delivery delay.
+
+        A gap under 1 s at the fake but not at the daemon is delivery jitter (loopback, and the
+        fake's handler starting late while it parses a burst of requests), not an early send.
+        """
+        with self.db.connect() as conn:
+            gaps = conn.execute(
+                "SELECT count(DISTINCT queue_id) FILTER (WHERE gap < interval '1 second'), "
+                "extract(epoch FROM min(gap)), extract(epoch FROM avg(gap)), "
+                "percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM gap))"
+                " FROM (SELECT queue_id, sent_at - lag(sent_at) "
+                "OVER (PARTITION BY queue_id ORDER BY sent_at) AS gap FROM actions "
+                "WHERE sent_at IS NOT NULL AND callback_id NOT LIKE '%%-idle%%') s"
+            ).fetchone()
+            sent = dict(
+                conn.execute(
+                    "SELECT callback_id, extract(epoch FROM sent_at)::float8 FROM actions "
+                    "WHERE sent_at IS NOT NULL"
+                ).fetchall()
+            )
+            left = conn.execute(
+                "SELECT count(*), extract(epoch FROM min(claimed_at))::float8, "
+                "extract(epoch FROM max(claimed_at))::float8 FROM actions "
+                "WHERE state = 'claimed'"
+            ).fetchone()
+        delays = [at - sent[c] for at, _, _, cids in requests for c in cids if c in sent]
+        bad, min_gap, mean_gap, pcts = gaps if gaps else (0, None, None, None)
+        p50, p99 = pcts if pcts else (math.nan, math.nan)
+        mean = float(mean_gap or math.nan)
+        print(
+            f"  at the daemon       : {bad} queue(s) with a gap < 1 s between the sent_at of "
+            f"their rows (min gap {float(min_gap or math.nan):.6f} s)"
+        )
+        print(
+            f"  send interval       : a queue's consecutive sends (sent_at) are {mean:.4f} s apart"
+            f" on average (p50 {p50:.4f}, p99 {p99:.4f}): each queue runs at "
+            f"{100 / mean:.1f}% of its 1/s limit"
+        )
+        print(
+            f"  delivery delay      : fake arrival - daemon sent_at p50 "
+            f"{fmt_ms(percentile(delays, 50))}, p99 {fmt_ms(percentile(delays, 99))}, max "
+            f"{fmt_ms(max(delays, default=math.nan))}"
+        )
+        if left and left[0]:
+            print(
+                f"!! rows still 'claimed' after the graceful stop: {left[0]:,}, claimed "
+                f"{left[1] - stopped_at:+.3f} s to {left[2] - stopped_at:+.3f} s from SIGTERM"
+            )
+
+    def _cpu(self, start: float, end: float, done_at: list[tuple[float, int]]) -> float:
+        """Daemon (and backend) CPU per 1,000 callbacks over the steady window."""
+        assert self.sampler is not None
+        a, b = self.sampler.at(start), self.sampler.at(end)
+        if a is None or b is None or end <= start:
+            print("daemon CPU            : n/a")
+            return math.nan
+        d = harness.CpuMeter.delta(a[0], b[0])
+        t0, t1 = a[2], b[2]  # the samples' own wall times: count the callbacks between them
+        n = sum(k for at, k in done_at if t0 <= at < t1)
+        per_k = d["daemon"] / max(1, n) * 1000
+        print(
+            f"daemon CPU            : {per_k:.3f} s per 1,000 callbacks "
+            f"({d['daemon'] / d['wall']:.2f} cores); PostgreSQL backends "
+            f"{d['postgres'] / max(1, n) * 1000:.3f} s per 1,000 "
+            f"({d['postgres'] / d['wall']:.2f} cores); machine "
+            f"{d['machine'] / d['wall']:.2f} of {os.cpu_count()} cores busy"
+        )
+        print(
+            "  cores busy          : "
+            + harness.cpu_text(d, ["daemon", "postgres", "fake", "bench"])
+            + "; 'other' is PostgreSQL's background processes, the kernel and anything else "
+            "running on this machine"
+        )
+        commits = (b[1] - a[1]) / d["wall"] if d["wall"] else math.nan
+        self.commits_per_s = commits
+        return per_k
+
+    def _probes(self, probes: list[dict[str, Any]], arrivals: dict[str, float]) -> dict[str, Any]:
+        """First-send latency of the idle-queue probes."""
+        answered = [p for p in probes if p["status"] == 200]
+        lat = [arrivals[p["cid"]] - p["at"] for p in answered if p["cid"] in arrivals]
+        slow = sum(1 for x in lat if x >= 0.1)
+        missing = len(answered) - len(lat)
+        other = Counter(str(p["status"]) for p in probes if p["status"] != 200)
+        answer = [p["at"] - p["sent"] for p in answered]
+        print(
+            f"idle first-send       : {len(lat)} probes, p50 {fmt_ms(percentile(lat, 50))}, "
+            f"p99 {fmt_ms(percentile(lat, 99))}, max {fmt_ms(max(lat, default=math.nan))} "
+            f"(target p99 < 100 ms), {slow} at or over 100 ms; {missing} answered but not "
+            "received by the fake before the stop; "
+            f"non-200 answers {dict(other) or 'none'}; intake answer p99 "
+            f"{fmt_ms(percentile(answer, 99))}"
+        )
+        self._probe_segments(answered, arrivals)
+        return {"p99": percentile(lat, 99), "n": len(lat), "missing": missing}
+
+    def _probe_segments(self, answered: list[dict[str, Any]], arrivals: dict[str, float]) -> None:
+        """Where a probe's time goes, from the row's own timestamps (same machine clock)."""
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                "SELECT a.callback_id, a.state, extract(epoch FROM a.received_at)::float8, "
+                "extract(epoch FROM a.claimed_at)::float8, extract(epoch FROM a.sent_at)::float8,"
+                " (SELECT count(*) FROM actions b WHERE b.claimed_at = a.claimed_at) "
+                "FROM actions a WHERE a.callback_id LIKE %s",
+                ("%-idle%",),
+            ).fetchall()
+        db = {r[0]: r[2:] for r in rows}
+        unsent = Counter(r[1] for r in rows if r[0] not in arrivals)
+        if unsent:
+            print(f"  probes not received by the fake, by state: {dict(unsent)}")
+        seg: dict[str, list[float]] = defaultdict(list)
+        for p in answered:
+            got = db.get(p["cid"])
+            if got is None or None in got or p["cid"] not in arrivals:
+                continue
+            received, claimed, sent, batch = got
+            seg["POST sent -> INSERT began (received_at)"].append(received - p["sent"])
+            seg["INSERT began -> 200 read by the client"].append(p["at"] - received)
+            seg["200 -> its claim statement began"].append(claimed - p["at"])
+            seg["claim began -> request built (sent_at)"].append(sent - claimed)
+            seg["request built -> fake received it"].append(arrivals[p["cid"]] - sent)
+            seg["rows claimed by that statement"].append(batch / 1000.0)  # shown x1000 below
+        if not seg:
+            return
+        print("  where the time goes (p50 / p99 / max):")
+        for name, values in seg.items():
+            if name.startswith("rows"):
+                print(
+                    f"    {name:<42} {percentile(values, 50) * 1000:,.0f} / "
+                    f"{percentile(values, 99) * 1000:,.0f} / {max(values) * 1000:,.0f}"
+                )
+                continue
+            print(
+                f"    {name:<42} {fmt_ms(percentile(values, 50))} / "
+                f"{fmt_ms(percentile(values, 99))} / {fmt_ms(max(values))}"
+            )
+
+    def _claims(self, start: float, end: float) -> dict[str, Any]:
+        """Claim statements in the window: each stamps its rows with its own now()."""
+        with self.db.connect() as conn:
+            row = conn.execute(
+                "SELECT count(DISTINCT claimed_at), count(*) FROM actions "
+                "WHERE claimed_at >= %s AND claimed_at < %s",
+                (datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC)),
+            ).fetchone()
+            states = dict(conn.execute("SELECT state, count(*) FROM actions GROUP BY 1").fetchall())
+        statements, rows = (row[0], row[1]) if row else (0, 0)
+        length = max(1e-9, end - start)
+        per_s = statements / length
+        print(
+            f"claim statements      : {per_s:.1f}/s ({statements:,} statements that claimed "
+            f"rows, {rows / max(1, statements):,.0f} rows each; counted as distinct claimed_at, "
+            f"statements that found nothing are not seen); database commits "
+            f"{getattr(self, 'commits_per_s', math.nan):,.1f}/s (all statements)"
+        )
+        return {"per_s": per_s, "states": states}
+
+    def cleanup(self) -> None:
+        """Stop children, drop the database, remove the temp dir."""
+        if self.sampler is not None:
+            self.sampler.stop()
+        self.children.stop_all()
+        if self.meter is not None:
+            self.meter.close()
+        try:
+            self.db.drop()
+        except Exception as exc:
+            print(f"!! could not drop database {self.db.name}: {exc}", file=sys.stderr)
+        if not self.args.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def main() -> int:
+    """Run the benchmark."""
+    args = parse_args()
+    harness.on_signals_unwind()
+    bench = DrainBench(args)
+    summary = "SUMMARY drain: FAILED"
+    code = 1
+    try:
+        summary = bench.run()
+        code = 0
+    except (KeyboardInterrupt, harness.Interrupted) as exc:
+        summary = f"SUMMARY drain: INTERRUPTED ({type(exc).__name__} {exc})"
+        code = 130
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        summary = f"SUMMARY drain: FAILED ({type(exc).__name__}: {str(exc)[:200]})"
+        if bench.daemon_log.exists():
+            print("daemon log tail:\n" + bench.daemon_log.read_text(errors="replace")[-3000:])
+    finally:
+        bench.cleanup()
+    print(summary.replace("\n", " "), flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

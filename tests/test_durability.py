@@ -1,0 +1,350 @@
+"""Durability: an acknowledged action is never lost (SIGTERM under load, kill -9, restart
+without a burst), and a database outage is answered 503 + Retry-After, never 200 or 500."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import secrets
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import psycopg
+import pytest
+
+from tests.conftest import CLIENT_SECRET, action_payload, wait_for
+from tests.daemon_process import (
+    DaemonProcess,
+    Outcome,
+    fire,
+    post_signed,
+    query,
+    stored_callback_ids,
+    write_config,
+)
+from throttled.db.repository import DatabaseUnavailable, Repository
+from throttled.hubspot.fake import FakeHubSpot, max_in_window
+from throttled.hubspot.signature import sign_headers
+
+PORTAL = 62515
+SLOW_DEFAULTS = {"max_throughput": 5, "time_unit": "seconds"}  # far below the offered load
+SHUTDOWN_TIMEOUT_S = 15.0
+SEND_MARGIN_MS = 50.0
+EXIT_WAIT_S = SHUTDOWN_TIMEOUT_S + 45.0  # only catches hangs
+
+
+@pytest.fixture
+async def daemon_process(
+    tmp_path: Path, db_url: str, fake_hubspot: FakeHubSpot
+) -> AsyncIterator[Callable[[], DaemonProcess]]:
+    """Make `throttled serve` children on one config (same DB, same key); kill leftovers."""
+    assert fake_hubspot.base_url is not None
+    config_path, public_url = write_config(
+        tmp_path / "throttled.toml",
+        db_url=db_url,
+        api_base_url=fake_hubspot.base_url,
+        defaults=SLOW_DEFAULTS,
+        server={"shutdown_timeout_s": SHUTDOWN_TIMEOUT_S},
+        # The fake times completions as they arrive on the test's busy loop, a few ms after
+        # the child built them; the default 2 ms margin is below that delivery jitter.
+        sender={"send_margin_ms": SEND_MARGIN_MS},
+    )
+    made: list[DaemonProcess] = []
+    runs = itertools.count(1)
+
+    def make() -> DaemonProcess:
+        proc = DaemonProcess(config_path, public_url, tmp_path / f"serve-{next(runs)}.log")
+        made.append(proc)
+        return proc
+
+    try:
+        yield make
+    finally:
+        for proc in made:
+            await proc.kill()
+
+
+async def _connect(daemon: DaemonProcess, fake: FakeHubSpot) -> None:
+    token = f"refresh-{PORTAL}-{secrets.token_hex(4)}"
+    fake.register_portal(PORTAL, token)
+    await daemon.connect_portal(PORTAL, token)
+
+
+def _summary(outcomes: list[Outcome]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        key = str(o.status) if o.status is not None else "connection_error"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _event_time(daemon: DaemonProcess, event: str) -> float:
+    """The wall-clock time of the daemon's first `event` log line."""
+    found = [e for e in daemon.events() if e.get("event") == event]
+    assert found, f"no {event!r} in the daemon log:\n{daemon.log_tail()}"
+    return datetime.fromisoformat(found[0]["timestamp"]).timestamp()
+
+
+async def _assert_acknowledged_are_stored(db_url: str, outcomes: list[Outcome]) -> None:
+    acknowledged = [o.callback_id for o in outcomes if o.status == 200]
+    stored = await stored_callback_ids(db_url, acknowledged)
+    lost = sorted(set(acknowledged) - stored)
+    assert not lost, f"{len(lost)} of {len(acknowledged)} acknowledged actions lost: {lost[:5]}"
+
+
+def _assert_no_unexpected_answers(outcomes: list[Outcome]) -> None:
+    for o in outcomes:
+        assert o.status in (200, 503, None), o
+        if o.status == 503:
+            assert o.retry_after, o
+            assert isinstance(o.body, dict), o
+            assert o.body.get("error"), o
+        if o.status == 200:
+            assert o.body["outputFields"]["hs_execution_state"] == "BLOCK", o
+
+
+async def test_sigterm_under_load_loses_no_acknowledged_action(
+    daemon_process, fake_hubspot, db_url
+):
+    daemon = daemon_process()
+    await _connect(daemon, fake_hubspot)
+    await daemon.start()
+
+    done = threading.Event()
+    load = asyncio.create_task(
+        fire(daemon.url, lambda: action_payload(portal_id=PORTAL), done, concurrency=20)
+    )
+    await asyncio.sleep(1.0)
+    assert not load.done()
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        code = await daemon.wait(EXIT_WAIT_S)  # keep firing until the process is gone
+    finally:
+        done.set()
+        outcomes = await load
+
+    log = daemon.log_tail()
+    assert code == 0, f"exit code {code}:\n{log}"
+    events = {e.get("event") for e in daemon.events()}
+    assert "shutdown_complete" in events, log
+    assert "shutdown_timeout" not in events, log
+
+    summary = _summary(outcomes)
+    assert summary.get("200", 0) > 0, summary
+    _assert_no_unexpected_answers(outcomes)
+    await _assert_acknowledged_are_stored(db_url, outcomes)
+
+    # Once shutdown began, nothing is acknowledged: 503 + Retry-After, or connection refused.
+    stopped_at = _event_time(daemon, "shutdown_started")
+    after = [o for o in outcomes if o.started > stopped_at]
+    assert after, summary
+    assert all(o.status in (503, None) for o in after), [o for o in after if o.status == 200]
+    assert all(o.body.get("error") == "stopping" for o in after if o.status == 503), after
+
+    claimed = await query(db_url, "SELECT count(*) FROM actions WHERE state = 'claimed'")
+    assert claimed[0][0] == 0
+    pending = await query(db_url, "SELECT count(*) FROM actions WHERE state = 'pending'")
+    assert pending[0][0] > 0  # the slow default rate left a backlog behind
+
+
+async def test_kill_9_then_restart_completes_backlog_without_burst(
+    daemon_process, fake_hubspot, db_url
+):
+    first = daemon_process()
+    await _connect(first, fake_hubspot)
+    await first.start()
+
+    # A small backlog in a 2-per-second queue, still draining when the process is killed.
+    limited = [
+        action_payload(
+            portal_id=PORTAL,
+            workflow_id=70001,
+            input_fields={"maxThroughput": "2", "timeUnit": "seconds"},
+        )
+        for _ in range(12)
+    ]
+    async with aiohttp.ClientSession() as session:
+        answers = await asyncio.gather(*(post_signed(session, first.url, p) for p in limited))
+    assert [a.status for a in answers] == [200] * len(limited), answers
+    limited_ids = [p["callbackId"] for p in limited]
+
+    done = threading.Event()
+    load = asyncio.create_task(
+        fire(first.url, lambda: action_payload(portal_id=PORTAL), done, concurrency=20)
+    )
+    await asyncio.sleep(1.0)
+    assert not load.done()
+    first.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    try:
+        code = await first.wait(EXIT_WAIT_S)
+    finally:
+        done.set()
+        outcomes = await load
+    assert code == -signal.SIGKILL
+
+    summary = _summary(outcomes)
+    assert summary.get("200", 0) > 0, summary
+    _assert_no_unexpected_answers(outcomes)
+    await _assert_acknowledged_are_stored(db_url, outcomes)
+    sent_before = len(fake_hubspot.sends_for(limited_ids))
+    assert sent_before < len(limited_ids)  # the kill landed mid-backlog
+
+    second = daemon_process()
+    await second.start()
+    ready_at = time.time()
+    await wait_for(lambda: all(c in fake_hubspot.completed for c in limited_ids), timeout=90)
+
+    times = fake_hubspot.sends_for(limited_ids)  # both runs, re-sends included
+    assert max_in_window(times, 1.0) <= 2, _send_log(fake_hubspot, limited_ids, killed_at, ready_at)
+    for callback_id in limited_ids:
+        assert fake_hubspot.completed[callback_id][1] == {"hs_execution_state": "SUCCESS"}
+
+    second.send_signal(signal.SIGTERM)
+    assert await second.wait(EXIT_WAIT_S) == 0, second.log_tail()
+    states = await query(
+        db_url,
+        "SELECT state, count(*) FROM actions WHERE callback_id = ANY(%s) GROUP BY 1",
+        limited_ids,
+    )
+    assert dict(states) == {"done": len(limited_ids)}
+
+
+def _send_log(fake: FakeHubSpot, callback_ids: list[str], killed_at: float, ready_at: float) -> str:
+    """The fake's callbacks requests for these ids, timed from the kill (for failures)."""
+    wanted = set(callback_ids)
+    lines = [
+        f"{r.at - killed_at:+.4f}s status={r.status} ids={sorted(wanted & set(r.callback_ids))}"
+        for r in fake.received
+        if wanted & set(r.callback_ids)
+    ]
+    return (
+        f"sends relative to SIGKILL (restarted daemon ready at {ready_at - killed_at:+.3f}s):\n"
+        + "\n".join(lines)
+    )
+
+
+# -- database outage -------------------------------------------------------------------------
+
+
+def _admin(admin_url: str, *statements: tuple[str, tuple[Any, ...]]) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        for sql, params in statements:
+            admin.execute(sql, params)
+
+
+@contextlib.asynccontextmanager
+async def _database_unreachable(admin_url: str, name: str) -> AsyncIterator[None]:
+    """Refuse new connections to `name` and end the existing ones; re-allow on exit."""
+    await asyncio.to_thread(
+        _admin,
+        admin_url,
+        (f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false', ()),
+        (
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        ),
+    )
+    try:
+        await asyncio.sleep(0.5)  # the outage is under way when the next action arrives
+        yield
+    finally:
+        await asyncio.to_thread(
+            _admin, admin_url, (f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true', ())
+        )
+
+
+async def _post(daemon: Any, payload: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+    body = json.dumps(payload).encode()
+    url = daemon.url + "/api/hubspot/action"
+    headers = {"Content-Type": "application/json"}
+    headers.update(sign_headers(CLIENT_SECRET, "POST", url, body))
+    async with daemon.session.post(
+        url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=30)
+    ) as resp:
+        return resp.status, dict(resp.headers), await resp.json(content_type=None)
+
+
+async def _settled_daemon(daemon: Any, fake: FakeHubSpot) -> None:
+    """One action stored and completed: the pool is warm, the queue known, the loops idle."""
+    await daemon.connect_portal(fake, PORTAL)
+    first = action_payload(portal_id=PORTAL)
+    status, _, body = await _post(daemon, first)
+    assert status == 200, body
+    await wait_for(lambda: first["callbackId"] in fake.completed)
+
+
+async def test_database_unreachable_answers_503(
+    daemon_factory, fake_hubspot, db_url, pg_server_url
+):
+    name = urlsplit(db_url).path.lstrip("/")
+    async with daemon_factory() as daemon:
+        await _settled_daemon(daemon, fake_hubspot)
+
+        async with _database_unreachable(pg_server_url, name):
+            # A queue the daemon has seen (insert only) and a new one (upsert first).
+            for payload in (
+                action_payload(portal_id=PORTAL),
+                action_payload(portal_id=PORTAL, workflow_id=70002),
+            ):
+                status, headers, body = await _post(daemon, payload)
+                assert status == 503, (status, body)
+                assert int(headers["Retry-After"]) > 0
+                # The precise code is pinned by the next test.
+                assert body["error"] in ("database_unavailable", "storage_error"), body
+                assert body["message"], body
+            async with daemon.session.get(daemon.url + "/readyz") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["status"] == "database_unavailable"
+            assert not daemon.task.done(), "the daemon stopped during the outage"
+
+        payload = action_payload(portal_id=PORTAL)
+        status, _, body = await _post(daemon, payload)
+        assert status == 200, body
+        assert await stored_callback_ids(db_url, [payload["callbackId"]]) == {payload["callbackId"]}
+        async with daemon.session.get(daemon.url + "/readyz") as resp:
+            assert resp.status == 200
+        assert not daemon.task.done(), "the daemon stopped after the outage"
+
+
+async def test_database_refusing_connections_is_named_database_unavailable(
+    daemon_factory, fake_hubspot, db_url, pg_server_url
+):
+    name = urlsplit(db_url).path.lstrip("/")
+    async with daemon_factory() as daemon:
+        await _settled_daemon(daemon, fake_hubspot)
+        async with _database_unreachable(pg_server_url, name):
+            status, _, body = await _post(daemon, action_payload(portal_id=PORTAL))
+        assert (status, body["error"]) == (503, "database_unavailable"), body
+
+
+async def test_terminated_idle_connection_is_database_unavailable(db_url, pg_server_url):
+    name = urlsplit(db_url).path.lstrip("/")
+    async with Repository.open(db_url, min_size=2, max_size=2) as repo:
+        await repo.ping()
+        # Block this loop while the server ends every connection, so each socket holds the
+        # FATAL message and the EOF; then let exactly one loop pass run: it delivers the
+        # FATAL (data_received) but the EOF only comes on the next pass.
+        _admin(
+            pg_server_url,
+            (
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            ),
+        )
+        time.sleep(0.3)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        with pytest.raises(DatabaseUnavailable):
+            await repo.ping()

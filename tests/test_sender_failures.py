@@ -1,0 +1,340 @@
+"""End to end: how the senders handle HubSpot's failures (401, 429, 5xx, 400, expiry).
+
+Every test runs the real daemon against a real PostgreSQL and the fake HubSpot on loopback,
+and checks three records that must agree: what the fake received, what it completed, and
+the `actions` rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from tests.conftest import action_payload, wait_for
+from throttled.hubspot.fake import FakeHubSpot, Received
+
+PORTAL = 62515
+EXPIRED_ERROR = "block expired at HubSpot before it could be sent"
+
+# Fast retries; a hold long enough never to end within a test.
+SENDER = {
+    "backoff_base_s": 0.05,
+    "backoff_max_s": 0.2,
+    "max_attempts": 4,
+    "hold_after_failures": 3,
+    "hold_s": 3600,
+}
+FAST_QUEUE = {"maxThroughput": "100", "timeUnit": "seconds"}
+# Hold intake long enough that actions posted together are committed (and claimed) together.
+ONE_BATCH_INGEST = {"linger_ms": 300, "flushers": 1}
+# Longer than any backoff under SENDER: a resend that should not happen would show by then.
+GRACE_S = 3 * SENDER["backoff_max_s"]
+# Retries here finish well within a second; this only bounds a hang.
+RETRY_WAIT_S = 10.0
+
+
+# The bug that the tests marked with it expose (see the reason text).
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    """One autocommit connection to the test database, rows as dicts."""
+    with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
+        yield conn
+
+
+def rows(db: psycopg.Connection[dict[str, Any]], ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The actions rows of these callback ids, by callback id."""
+    found = db.execute(
+        "SELECT callback_id, state, attempts, failures, last_error, not_before,"
+        " extract(epoch FROM not_before)::float8 AS not_before_ts"
+        " FROM actions WHERE callback_id = ANY(%s)",
+        (list(ids),),
+    ).fetchall()
+    return {r["callback_id"]: r for r in found}
+
+
+def states(db: psycopg.Connection[dict[str, Any]], ids: Iterable[str]) -> dict[str, str]:
+    return {cid: r["state"] for cid, r in rows(db, ids).items()}
+
+
+def requests_for(fake: FakeHubSpot, callback_id: str) -> list[Received]:
+    """The callbacks requests that carried this callback id, in arrival order."""
+    return [r for r in fake.received if callback_id in r.callback_ids]
+
+
+def refresh_grants(fake: FakeHubSpot) -> int:
+    return sum(1 for f in fake.token_requests if f.get("grant_type") == "refresh_token")
+
+
+def payloads(n: int, input_fields: dict[str, str] = FAST_QUEUE) -> list[dict[str, Any]]:
+    """n actions of one queue (same portal, workflow, action definition and index)."""
+    return [action_payload(portal_id=PORTAL, input_fields=dict(input_fields)) for _ in range(n)]
+
+
+async def post_all(daemon: Any, batch: list[dict[str, Any]]) -> None:
+    """POST the actions concurrently; every one must be accepted with BLOCK."""
+    results = await asyncio.gather(*(daemon.post_action(p) for p in batch))
+    for status, body in results:
+        assert status == 200, body
+        assert body["outputFields"]["hs_execution_state"] == "BLOCK"
+
+
+def ids_of(batch: list[dict[str, Any]]) -> list[str]:
+    return [p["callbackId"] for p in batch]
+
+
+# -- 401 ------------------------------------------------------------------------------------
+
+
+async def test_401_refreshes_the_token_then_completes(daemon_factory, fake_hubspot, db):
+    async with daemon_factory(sender=SENDER, ingest=ONE_BATCH_INGEST) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        [first] = payloads(1)
+        await post_all(daemon, [first])
+        await wait_for(lambda: first["callbackId"] in fake_hubspot.completed)
+        assert refresh_grants(fake_hubspot) == 1
+        assert fake_hubspot.received[-1].status == 204
+
+        fake_hubspot.expire_tokens()
+        later = payloads(3)
+        later_ids = ids_of(later)
+        await post_all(daemon, later)
+        await wait_for(
+            lambda: all(cid in fake_hubspot.completed for cid in later_ids), RETRY_WAIT_S
+        )
+        await wait_for(lambda: set(states(db, later_ids).values()) == {"done"})
+
+        # The first request after the expiry was refused with the stale token...
+        after = fake_hubspot.received[1:]
+        assert after[0].status == 401
+        assert set(after[0].callback_ids) <= set(later_ids)
+        # ...the daemon refreshed exactly once more, and everything went through after that.
+        assert refresh_grants(fake_hubspot) == 2
+        assert [r.status for r in after[1:]] == [204] * (len(after) - 1)
+        for cid in later_ids:
+            assert [r.status for r in requests_for(fake_hubspot, cid)][-1] == 204
+            assert fake_hubspot.completed[cid][1] == {"hs_execution_state": "SUCCESS"}
+
+    left = db.execute("SELECT count(*) AS n FROM actions WHERE state <> 'done'").fetchone()
+    assert left == {"n": 0}
+
+
+# -- 429 ------------------------------------------------------------------------------------
+
+
+async def test_429_waits_retry_after_then_resends_without_counting(
+    daemon_factory, fake_hubspot, db
+):
+    async with daemon_factory(sender=SENDER, ingest=ONE_BATCH_INGEST) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        fake_hubspot.fail_next(429, retry_after=0.5)
+        batch = payloads(3)
+        ids = ids_of(batch)
+        await post_all(daemon, batch)
+
+        # Between the 429 and the resend (Retry-After: 0.5 s) the rows wait as pending, and
+        # the 429 cost them neither an attempt nor a failure.
+        await wait_for(
+            lambda: all(
+                r["state"] == "pending" and (r["last_error"] or "").startswith("429")
+                for r in rows(db, ids).values()
+            )
+        )
+        assert not any(cid in fake_hubspot.completed for cid in ids)
+        for r in rows(db, ids).values():
+            assert (r["attempts"], r["failures"]) == (0, 0), r
+            assert r["not_before_ts"] > time.time(), r
+
+        await wait_for(lambda: all(cid in fake_hubspot.completed for cid in ids), RETRY_WAIT_S)
+        await wait_for(lambda: set(states(db, ids).values()) == {"done"})
+
+    limited, *resent = fake_hubspot.received
+    assert limited.status == 429
+    assert sorted(limited.callback_ids) == sorted(ids)
+    assert resent, "nothing was resent after the 429"
+    assert all(r.status == 204 for r in resent)
+    assert sorted(c for r in resent for c in r.callback_ids) == sorted(ids)
+    # Retry-After was honoured (the fake stamps arrivals with the same wall clock).
+    assert min(r.at for r in resent) - limited.at >= 0.5 - 0.01
+    for cid, r in rows(db, ids).items():
+        # One attempt: the successful one. The 429 cost no attempt and no failure.
+        assert (r["state"], r["attempts"], r["failures"]) == ("done", 1, 0), cid
+        assert r["last_error"] is None
+
+
+# -- 5xx ------------------------------------------------------------------------------------
+
+
+async def test_5xx_is_retried_with_backoff_then_completed(daemon_factory, fake_hubspot, db):
+    # Backoffs long enough to tell apart from the retry path's own latency (tens of ms).
+    sender = {**SENDER, "backoff_base_s": 0.2, "backoff_max_s": 1.0}
+    async with daemon_factory(sender=sender) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        fake_hubspot.fail_next(503, count=2)
+        [action] = payloads(1)
+        cid = action["callbackId"]
+        await post_all(daemon, [action])
+        await wait_for(lambda: cid in fake_hubspot.completed, RETRY_WAIT_S)
+        await wait_for(lambda: states(db, [cid]) == {cid: "done"})
+
+    sent = requests_for(fake_hubspot, cid)
+    assert [r.status for r in sent] == [503, 503, 204]
+    assert len(fake_hubspot.received) == 3
+    # Exponential backoff with full jitter: failure n waits in [cap_n / 2, cap_n],
+    # cap_n = base * 2 ** (n - 1).
+    gaps = [b.at - a.at for a, b in itertools.pairwise(sent)]
+    assert gaps[0] >= 0.2 / 2 - 0.005, gaps
+    assert gaps[1] >= 0.4 / 2 - 0.005, gaps
+    row = rows(db, [cid])[cid]
+    assert (row["attempts"], row["failures"], row["last_error"]) == (3, 0, None)
+
+
+async def test_5xx_batch_rows_with_different_backoffs_are_all_resent(
+    daemon_factory, fake_hubspot, db
+):
+    # Each row of a failed request gets its own jittered backoff, so the rows fall due at
+    # different instants; every one of them must still be claimed and resent.
+    async with daemon_factory(sender=SENDER, ingest=ONE_BATCH_INGEST) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        fake_hubspot.fail_next(503)
+        batch = payloads(100)
+        ids = ids_of(batch)
+        await post_all(daemon, batch)
+        await wait_for(lambda: all(cid in fake_hubspot.completed for cid in ids), RETRY_WAIT_S)
+        await wait_for(lambda: set(states(db, ids).values()) == {"done"})
+
+    first, *rest = fake_hubspot.received
+    assert (first.status, sorted(first.callback_ids)) == (503, sorted(ids))
+    for cid in ids:
+        assert [r.status for r in requests_for(fake_hubspot, cid)] == [503, 204], cid
+    assert all(r.status == 204 for r in rest)
+
+
+async def test_repeated_5xx_holds_the_action(daemon_factory, fake_hubspot, db):
+    async with daemon_factory(sender=SENDER) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        fake_hubspot.fail_next(503, count=3)
+        [action] = payloads(1)
+        cid = action["callbackId"]
+        await post_all(daemon, [action])
+        await wait_for(lambda: rows(db, [cid])[cid]["failures"] >= 3, RETRY_WAIT_S)
+        held = rows(db, [cid])[cid]
+        assert held["state"] == "pending"
+        assert (held["attempts"], held["failures"]) == (3, 3)
+        assert held["last_error"].startswith("503"), held["last_error"]
+        wait = held["not_before_ts"] - time.time()
+        assert SENDER["hold_s"] - 60 < wait <= SENDER["hold_s"], wait
+
+        # The queue still works (the faults are used up), but the held action stays put.
+        [probe] = payloads(1)
+        await post_all(daemon, [probe])
+        await wait_for(lambda: probe["callbackId"] in fake_hubspot.completed)
+        await asyncio.sleep(GRACE_S)
+
+        assert [r.status for r in requests_for(fake_hubspot, cid)] == [503, 503, 503]
+        assert cid not in fake_hubspot.completed
+        assert rows(db, [cid])[cid]["state"] == "pending"
+        assert rows(db, [cid])[cid]["failures"] == 3
+
+
+async def test_max_attempts_fails_the_action(daemon_factory, fake_hubspot, db):
+    sender = {**SENDER, "max_attempts": 3, "hold_after_failures": 100}
+    async with daemon_factory(sender=sender) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        fake_hubspot.fail_next(500, count=10)
+        [action] = payloads(1)
+        cid = action["callbackId"]
+        await post_all(daemon, [action])
+        await wait_for(lambda: states(db, [cid]) == {cid: "failed"}, RETRY_WAIT_S)
+        await asyncio.sleep(GRACE_S)
+
+    assert [r.status for r in requests_for(fake_hubspot, cid)] == [500, 500, 500]
+    assert len(fake_hubspot.received) == 3
+    assert cid not in fake_hubspot.completed
+    row = rows(db, [cid])[cid]
+    assert row["state"] == "failed"
+    assert row["attempts"] == 3
+    assert "3 attempts" in row["last_error"], row["last_error"]
+    assert "500" in row["last_error"], row["last_error"]
+    assert "Injected failure (500)" in row["last_error"], row["last_error"]
+
+
+# -- 400: bisection -------------------------------------------------------------------------
+
+
+async def test_rejected_callback_is_isolated_by_bisection(daemon_factory, fake_hubspot, db):
+    batch = payloads(8)
+    ids = ids_of(batch)
+    bad = ids[2]
+    good = [cid for cid in ids if cid != bad]
+    fake_hubspot.reject_callbacks({bad})
+    async with daemon_factory(sender=SENDER, ingest=ONE_BATCH_INGEST) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        await post_all(daemon, batch)
+        await wait_for(
+            lambda: (
+                set(states(db, ids).values()) <= {"done", "failed"}
+                and len(states(db, ids)) == len(ids)
+            ),
+            RETRY_WAIT_S,
+        )
+
+    final = rows(db, ids)
+    assert final[bad]["state"] == "failed"
+    assert f"Callback {bad} cannot be completed" in final[bad]["last_error"]
+    assert final[bad]["last_error"].startswith("400")
+    for cid in good:
+        assert final[cid]["state"] == "done", (cid, final[cid])
+        assert cid in fake_hubspot.completed
+    assert bad not in fake_hubspot.completed
+
+    received = fake_hubspot.received
+    # One request with all eight first, refused because of the bad one...
+    assert sorted(received[0].callback_ids) == sorted(ids)
+    assert received[0].status == 400
+    # ...then halves: the bad one's requests shrink 8 → 4 → 2 → 1, each refused.
+    bad_sends = requests_for(fake_hubspot, bad)
+    assert [len(r.callback_ids) for r in bad_sends] == [8, 4, 2, 1]
+    assert all(r.status == 400 for r in bad_sends)
+    # Every later request is smaller; each good callback is completed by exactly one 204.
+    assert all(len(r.callback_ids) < 8 for r in received[1:])
+    completions = [c for r in received if r.status == 204 for c in r.callback_ids]
+    assert sorted(completions) == sorted(good)
+    assert len(received) == 7
+
+
+# -- expiry ---------------------------------------------------------------------------------
+
+
+async def test_blocks_expire_before_a_slow_queue_sends_them(daemon_factory, fake_hubspot, db):
+    slow = {"maxThroughput": "1", "timeUnit": "hours"}
+    async with daemon_factory(
+        sender=SENDER, hubspot={"block_expiration": "PT1S"}, retention={"interval_s": 1.0}
+    ) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        batch = payloads(3, slow)
+        ids = ids_of(batch)
+        for p in batch:  # in order: the first takes the hour's only slot
+            status, body = await daemon.post_action(p)
+            assert status == 200
+            assert body["outputFields"]["hs_expiration_duration"] == "PT1S"
+        await wait_for(lambda: ids[0] in fake_hubspot.completed)
+        await wait_for(
+            lambda: states(db, ids) == {ids[0]: "done", ids[1]: "expired", ids[2]: "expired"},
+            timeout=30,
+        )
+
+    final = rows(db, ids)
+    for cid in ids[1:]:
+        assert final[cid]["last_error"] == EXPIRED_ERROR
+        assert requests_for(fake_hubspot, cid) == []
+        assert cid not in fake_hubspot.completed
+    assert [r.callback_ids for r in fake_hubspot.received] == [(ids[0],)]
