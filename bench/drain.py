@@ -12,9 +12,15 @@
 4. SIGTERM to the daemon, then to the fake, which dumps its receive log.
 
 Printed: callbacks/s over the steady part (after --warmup, before the stop), window
-violations (queues with more than 1 send in some half-open 1 s window, retries and
-rejected requests included), the daemon's CPU seconds per 1,000 callbacks, the idle-queue
-first-send latency, claim statements per second and the per-portal request peak.
+violations (queues whose arrivals at the fake put more than 1 in some half-open 1 s window,
+retries and rejected requests included; the fake stamps an arrival when the request's
+first bytes are read, see fake_server.py), the same check on the daemon's own send instants
+(the rows' sent_at) with the delivery delay between the two, each queue's achieved share of
+its limit, the daemon's CPU seconds per 1,000 callbacks (/proc/<pid>/stat), the idle-queue
+first-send latency broken down with the probe rows' own timestamps, claim statements per
+second (distinct claimed_at: each claim statement stamps its rows with its own now()), the
+per-portal request peak, the daemon's /healthz latency (event-loop stalls) and whether the
+graceful stop left rows 'claimed'.
 
 The last line printed is a one-line summary.
 """

@@ -50,13 +50,15 @@ class Interrupted(Exception):
 
 
 def on_signals_unwind() -> None:
-    """Turn SIGTERM/SIGHUP into an exception (SIGINT is already KeyboardInterrupt)."""
+    """Turn SIGINT/SIGTERM/SIGHUP into an exception, so the cleanup code runs.
+
+    SIGINT is set explicitly: a shell starts background jobs with it ignored."""
 
     def raise_interrupted(signum: int, _frame: object) -> None:
         raise Interrupted(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, raise_interrupted)
-    signal.signal(signal.SIGHUP, raise_interrupted)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, raise_interrupted)
 
 
 def child_env(**extra: str) -> dict[str, str]:

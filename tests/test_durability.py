@@ -181,7 +181,11 @@ async def test_kill_9_then_restart_completes_backlog_without_burst(
     load = asyncio.create_task(
         fire(first.url, lambda: action_payload(portal_id=PORTAL), done, concurrency=20)
     )
-    await asyncio.sleep(1.0)
+    # Kill right after a completion of the limited queue reached the fake, so the restarted
+    # process would be inside that send's window if it ignored what the first one sent.
+    await asyncio.sleep(0.5)
+    seen = len(fake_hubspot.sends_for(limited_ids))
+    await wait_for(lambda: len(fake_hubspot.sends_for(limited_ids)) > seen, timeout=30)
     assert not load.done()
     first.send_signal(signal.SIGKILL)
     killed_at = time.time()
@@ -191,17 +195,19 @@ async def test_kill_9_then_restart_completes_backlog_without_burst(
         done.set()
         outcomes = await load
     assert code == -signal.SIGKILL
+    sent_before = len(fake_hubspot.sends_for(limited_ids))
+
+    # Same database, same config, started at once.
+    second = daemon_process()
+    await second.start()
+    ready_at = time.time()
 
     summary = _summary(outcomes)
     assert summary.get("200", 0) > 0, summary
     _assert_no_unexpected_answers(outcomes)
-    await _assert_acknowledged_are_stored(db_url, outcomes)
-    sent_before = len(fake_hubspot.sends_for(limited_ids))
+    await _assert_acknowledged_are_stored(db_url, outcomes)  # intake alone writes rows
     assert sent_before < len(limited_ids)  # the kill landed mid-backlog
 
-    second = daemon_process()
-    await second.start()
-    ready_at = time.time()
     await wait_for(lambda: all(c in fake_hubspot.completed for c in limited_ids), timeout=90)
 
     times = fake_hubspot.sends_for(limited_ids)  # both runs, re-sends included

@@ -392,6 +392,8 @@ def masked(config: Config) -> dict[str, Any]:
     """The effective config as a plain mapping with every secret masked (for check-config)."""
 
     def show(value: Any) -> Any:
+        if isinstance(value, Secret) and "://" in value.reveal():
+            return mask_url(value.reveal())
         if isinstance(value, Secret):
             return "***" if value else ""
         if isinstance(value, tuple):
@@ -405,3 +407,14 @@ def masked(config: Config) -> dict[str, Any]:
         obj = getattr(config, section.name)
         out[section.name] = {f.name: show(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     return out
+
+
+def mask_url(url: str) -> str:
+    """A connection URL with its password replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

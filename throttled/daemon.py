@@ -314,23 +314,31 @@ def _try_it(runtime: Runtime) -> str:
 
 
 async def maintenance(runtime: Runtime, stop: asyncio.Event) -> None:
-    """Expire pending rows past their deadline; retention; prune the rate log."""
-    retention = runtime.config.retention
+    """Expire overdue rows often; retention, rate-log pruning and deadline checks less often."""
+    interval = runtime.config.retention.interval_s
+    last_full = 0.0
     while not stop.is_set():
-        await _wait(stop, min(5.0, retention.interval_s))
+        await _wait(stop, min(5.0, interval))
         if stop.is_set():
             return
+        full = time.monotonic() - last_full >= interval
         try:
-            await _maintain_once(runtime)
+            await maintain_once(runtime, full=full)
         except DatabaseError as exc:
             log.warning("maintenance_failed", error=str(exc))
+            continue
+        if full:
+            last_full = time.monotonic()
 
 
-async def _maintain_once(runtime: Runtime) -> None:
+async def maintain_once(runtime: Runtime, *, full: bool = True) -> None:
+    """One maintenance pass (tests call it directly)."""
     repo, retention = runtime.repo, runtime.config.retention
     expired = await repo.expire_due(retention.batch_size)
     if expired:
         log.warning("actions_expired", count=len(expired), queues=len(set(expired)))
+    if not full:
+        return
     now = datetime.now(UTC)
     deleted = await repo.delete_finished(
         now - timedelta(days=retention.done_days),
@@ -343,6 +351,34 @@ async def _maintain_once(runtime: Runtime) -> None:
         (q.limiter.policy.period_s for q in runtime.scheduler.queues.values()), default=86400.0
     )
     await repo.prune_sends(now - timedelta(seconds=max(longest, 86400.0)))
+    await check_deadlines(runtime)
+
+
+async def check_deadlines(runtime: Runtime) -> None:
+    """Warn about queues whose backlog will not drain before its newest action's deadline."""
+    now = time.time()
+    at_risk: set[int] = set()
+    for queue_id, pending, latest_deadline in await runtime.repo.pending_by_queue():
+        queue = runtime.scheduler.queues.get(queue_id)
+        if queue is None:
+            continue
+        eta = queue.limiter.backlog_eta(now, pending)
+        if eta > latest_deadline.timestamp():
+            at_risk.add(queue_id)
+            if queue_id not in runtime.scheduler.at_risk:
+                log.warning(
+                    "queue_backlog_past_deadline",
+                    queue=queue.key,
+                    pending=pending,
+                    drains_at=_iso(eta),
+                    deadline=latest_deadline.isoformat(),
+                    rate=queue.limiter.policy.describe(),
+                )
+    runtime.scheduler.at_risk = at_risk
+
+
+def _iso(ts: float) -> str:
+    return "never" if ts == float("inf") else datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 def load_checked(path: str | None) -> Config:

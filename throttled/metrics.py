@@ -71,6 +71,9 @@ INPUT_PROBLEMS = Counter(
 INGEST_PENDING = Gauge("throttled_ingest_pending", "Actions waiting for a group commit.")
 SENDER_HELD = Gauge("throttled_sender_held", "Claimed actions waiting in portal senders.")
 ACTIVE_QUEUES = Gauge("throttled_active_queues", "Queues with work the scheduler tracks.")
+QUEUES_AT_RISK = Gauge(
+    "throttled_queues_past_deadline", "Queues whose backlog will not drain before its deadline."
+)
 
 
 def render() -> str:

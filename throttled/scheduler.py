@@ -51,8 +51,10 @@ class Scheduler(Hooks):
         self._unknown: set[int] = set()
         self._reload: set[int] = set()
         self.claims = 0
+        self.at_risk: set[int] = set()  # queues whose backlog will outlive its deadline
         dispatcher.hooks = self
         metrics.ACTIVE_QUEUES.read = lambda: float(sum(q.active for q in self.queues.values()))
+        metrics.QUEUES_AT_RISK.read = lambda: float(len(self.at_risk))
 
     # -- events from ingest and the senders (synchronous, cheap) ----------------------------
 

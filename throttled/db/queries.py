@@ -181,6 +181,11 @@ FROM queues q LEFT JOIN actions a ON a.queue_id = q.id
 GROUP BY q.id ORDER BY q.id
 """
 
+PENDING_BY_QUEUE = """
+SELECT queue_id, count(*)::int AS pending, max(deadline) AS latest_deadline
+FROM actions WHERE state = 'pending' GROUP BY queue_id
+"""
+
 GET_ACTION_CONFIG = """
 SELECT policy FROM action_configs WHERE portal_id = $1 AND action_id = $2
 """

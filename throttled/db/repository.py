@@ -318,6 +318,11 @@ class Repository:
         rows = await self._fetch(q.ALL_ACTION_CONFIGS)
         return {(r["portal_id"], r["action_id"]): r["policy"] for r in rows}
 
+    async def pending_by_queue(self) -> list[tuple[int, int, datetime]]:
+        """(queue_id, pending rows, latest deadline) for every queue with a backlog."""
+        rows = await self._fetch(q.PENDING_BY_QUEUE)
+        return [(r["queue_id"], r["pending"], r["latest_deadline"]) for r in rows]
+
     async def queue_stats(self) -> list[dict[str, Any]]:
         """Per-queue counts by state."""
         return [dict(r) for r in await self._fetch(q.QUEUE_STATS)]
