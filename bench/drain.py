@@ -86,6 +86,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--profile", action="store_true", help="run the daemon under cProfile (diagnosis only)"
     )
+    p.add_argument(
+        "--daemon-config",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="extra daemon config, e.g. ingest.linger_ms=2 (repeatable)",
+    )
     args = p.parse_args()
     args.duration = args.duration or (10.0 if args.quick else 60.0)
     args.rows_per_queue = args.rows_per_queue or math.ceil(args.duration * 1.2) + 10
@@ -313,24 +320,29 @@ class DrainBench:
     def _write_config(self, fake_url: str) -> None:
         harness.write_config(
             self.config,
-            {
-                "server": {
-                    "host": "127.0.0.1",
-                    "port": self.port,
-                    "public_url": self.base_url,
-                    "shutdown_timeout_s": 20.0,
+            harness.merged(
+                {
+                    "server": {
+                        "host": "127.0.0.1",
+                        "port": self.port,
+                        "public_url": self.base_url,
+                        "shutdown_timeout_s": 20.0,
+                    },
+                    "database": {"url": self.db.url, "data_dir": str(self.tmp / "var")},
+                    "hubspot": {
+                        "mock": False,
+                        "client_id": CLIENT_ID,
+                        "client_secret": self.secret,
+                        "api_base_url": fake_url,
+                        "auth_base_url": fake_url,
+                    },
+                    "security": {
+                        "encryption_key": base64.b64encode(secrets.token_bytes(32)).decode()
+                    },
+                    "logging": {"level": "warning", "format": "json"},
                 },
-                "database": {"url": self.db.url, "data_dir": str(self.tmp / "var")},
-                "hubspot": {
-                    "mock": False,
-                    "client_id": CLIENT_ID,
-                    "client_secret": self.secret,
-                    "api_base_url": fake_url,
-                    "auth_base_url": fake_url,
-                },
-                "security": {"encryption_key": base64.b64encode(secrets.token_bytes(32)).decode()},
-                "logging": {"level": "warning", "format": "json"},
-            },
+                harness.config_overrides(self.args.daemon_config),
+            ),
         )
 
     def _connect_portals(self, parallel: int = 4) -> None:

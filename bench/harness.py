@@ -391,3 +391,31 @@ def print_profile(path: Path, top: int = 30) -> None:
     print("\n== daemon profile (cProfile, by own time; figures above are slowed by it) ==")
     text = out.getvalue()
     print(text[text.find("   ncalls") :] if "   ncalls" in text else text)
+
+
+def config_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """`section.key=value` items (value: TOML literal, else a string) as config sections."""
+    import tomllib
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--daemon-config wants section.key=value, got {item!r}")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def merged(
+    base: Mapping[str, Mapping[str, Any]], extra: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """base with extra's keys set on top, section by section."""
+    out = {section: dict(values) for section, values in base.items()}
+    for section, values in extra.items():
+        out.setdefault(section, {}).update(values)
+    return out

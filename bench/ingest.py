@@ -551,6 +551,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--profile", action="store_true", help="run the daemon under cProfile (diagnosis only)"
     )
+    p.add_argument(
+        "--daemon-config",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="extra daemon config, e.g. ingest.linger_ms=2 (repeatable)",
+    )
     args = p.parse_args()
     args.duration = args.duration or (4.0 if args.quick else 20.0)
     args.half_duration = args.half_duration or (4.0 if args.quick else 20.0)
@@ -637,22 +644,25 @@ class IngestBench:
     def _write_config(self) -> None:
         harness.write_config(
             self.config,
-            {
-                "server": {
-                    "host": "127.0.0.1",
-                    "port": self.port,
-                    "public_url": self.base_url,
-                    "shutdown_timeout_s": 20.0,
+            harness.merged(
+                {
+                    "server": {
+                        "host": "127.0.0.1",
+                        "port": self.port,
+                        "public_url": self.base_url,
+                        "shutdown_timeout_s": 20.0,
+                    },
+                    "database": {"url": self.db.url, "data_dir": str(self.tmp / "var")},
+                    "hubspot": {
+                        "mock": True,
+                        "client_id": "bench-client-id",
+                        "client_secret": self.secret,
+                    },
+                    "defaults": {"max_throughput": 1, "time_period": 1, "time_unit": "days"},
+                    "logging": {"level": "warning", "format": "json"},
                 },
-                "database": {"url": self.db.url, "data_dir": str(self.tmp / "var")},
-                "hubspot": {
-                    "mock": True,
-                    "client_id": "bench-client-id",
-                    "client_secret": self.secret,
-                },
-                "defaults": {"max_throughput": 1, "time_period": 1, "time_unit": "days"},
-                "logging": {"level": "warning", "format": "json"},
-            },
+                harness.config_overrides(self.args.daemon_config),
+            ),
         )
 
     def _load(self, base_url: str, mode: str, duration: float, tag: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import aiohttp
 import psycopg
 import pytest
 
-from tests.conftest import CLIENT_SECRET, action_payload, wait_for
+from tests.conftest import CLIENT_SECRET, action_payload, make_config, running, wait_for
 from tests.daemon_process import (
     DaemonProcess,
     Outcome,
@@ -39,6 +39,7 @@ PORTAL = 62515
 SLOW_DEFAULTS = {"max_throughput": 5, "time_unit": "seconds"}  # far below the offered load
 SHUTDOWN_TIMEOUT_S = 15.0
 SEND_MARGIN_MS = 50.0
+RESTART_JITTER_S = SEND_MARGIN_MS / 1000
 EXIT_WAIT_S = SHUTDOWN_TIMEOUT_S + 45.0  # only catches hangs
 
 
@@ -211,7 +212,15 @@ async def test_kill_9_then_restart_completes_backlog_without_burst(
     await wait_for(lambda: all(c in fake_hubspot.completed for c in limited_ids), timeout=90)
 
     times = fake_hubspot.sends_for(limited_ids)  # both runs, re-sends included
-    assert max_in_window(times, 1.0) <= 2, _send_log(fake_hubspot, limited_ids, killed_at, ready_at)
+    why = _send_log(fake_hubspot, limited_ids, killed_at, ready_at)
+    first_run = [t for t in times if t < killed_at + 0.2]  # the second was still starting
+    second_run = [t for t in times if t >= killed_at + 0.2]
+    assert max_in_window(first_run, 1.0) <= 2, why
+    assert max_in_window(second_run, 1.0) <= 2, why
+    # Across the restart, the send margin is lost (pinned by
+    # test_restart_keeps_the_send_margin), so allow the fake's arrival jitter there; a burst
+    # after the restart is still caught.
+    assert max_in_window(times, 1.0 - RESTART_JITTER_S) <= 2, why
     for callback_id in limited_ids:
         assert fake_hubspot.completed[callback_id][1] == {"hs_execution_state": "SUCCESS"}
 
@@ -237,6 +246,61 @@ def _send_log(fake: FakeHubSpot, callback_ids: list[str], killed_at: float, read
         f"sends relative to SIGKILL (restarted daemon ready at {ready_at - killed_at:+.3f}s):\n"
         + "\n".join(lines)
     )
+
+
+# -- restart: the rate log carries over ----------------------------------------------------
+
+
+def _queue(daemon: Any, workflow_id: int) -> Any:
+    """The daemon's in-memory state for the queue of `workflow_id` (default action/index)."""
+    key = f"queue:{PORTAL}:{workflow_id}:1234567:0"
+    found = [q for q in daemon.runtime.scheduler.queues.values() if q.key == key]
+    assert found, f"queue {key} not tracked"
+    return found[0]
+
+
+def _per_minute(workflow_id: int) -> dict[str, Any]:
+    return action_payload(
+        portal_id=PORTAL,
+        workflow_id=workflow_id,
+        input_fields={"maxThroughput": "2", "timeUnit": "minutes"},
+    )
+
+
+async def test_restart_keeps_the_send_margin(fake_hubspot, db_url):
+    cfg = make_config(db_url, fake_hubspot.base_url, sender={"send_margin_ms": SEND_MARGIN_MS})
+    payloads = [_per_minute(70003) for _ in range(3)]
+    ids = [p["callbackId"] for p in payloads]
+    async with running(cfg) as first:
+        await first.connect_portal(fake_hubspot, PORTAL)
+        for payload in payloads:
+            assert (await first.post_action(payload))[0] == 200
+        await wait_for(lambda: sum(i in fake_hubspot.completed for i in ids) == 2)
+        expected = _queue(first, 70003).limiter.earliest(time.time())
+    async with running(cfg) as second:  # the third action is still pending
+        got = _queue(second, 70003).limiter.earliest(time.time())
+    assert got >= expected - 1e-4, (
+        f"the restarted daemon may send the next action {expected - got:.4f}s earlier "
+        "than the daemon it replaced"
+    )
+
+
+async def test_restart_keeps_the_rate_log_of_a_drained_queue(fake_hubspot, db_url):
+    cfg = make_config(db_url, fake_hubspot.base_url)
+    payloads = [_per_minute(70004) for _ in range(2)]
+    async with running(cfg) as first:
+        await first.connect_portal(fake_hubspot, PORTAL)
+        for payload in payloads:
+            assert (await first.post_action(payload))[0] == 200
+        await wait_for(lambda: all(p["callbackId"] in fake_hubspot.completed for p in payloads))
+    late = _per_minute(70004)
+    async with running(cfg) as second:  # the queue has nothing pending at start-up
+        assert (await second.post_action(late))[0] == 200
+        # Sent within milliseconds if the window is forgotten; otherwise held ~60 s.
+        with contextlib.suppress(AssertionError):
+            await wait_for(lambda: late["callbackId"] in fake_hubspot.completed, timeout=3)
+    times = fake_hubspot.sends_for([p["callbackId"] for p in [*payloads, late]])
+    assert max_in_window(times, 60.0) <= 2, sorted(t - times[0] for t in times)
 
 
 # -- database outage -------------------------------------------------------------------------
@@ -306,8 +370,7 @@ async def test_database_unreachable_answers_503(
                 status, headers, body = await _post(daemon, payload)
                 assert status == 503, (status, body)
                 assert int(headers["Retry-After"]) > 0
-                # The precise code is pinned by the next test.
-                assert body["error"] in ("database_unavailable", "storage_error"), body
+                assert body["error"] == "database_unavailable", body
                 assert body["message"], body
             async with daemon.session.get(daemon.url + "/readyz") as resp:
                 assert resp.status == 503
@@ -321,17 +384,6 @@ async def test_database_unreachable_answers_503(
         async with daemon.session.get(daemon.url + "/readyz") as resp:
             assert resp.status == 200
         assert not daemon.task.done(), "the daemon stopped after the outage"
-
-
-async def test_database_refusing_connections_is_named_database_unavailable(
-    daemon_factory, fake_hubspot, db_url, pg_server_url
-):
-    name = urlsplit(db_url).path.lstrip("/")
-    async with daemon_factory() as daemon:
-        await _settled_daemon(daemon, fake_hubspot)
-        async with _database_unreachable(pg_server_url, name):
-            status, _, body = await _post(daemon, action_payload(portal_id=PORTAL))
-        assert (status, body["error"]) == (503, "database_unavailable"), body
 
 
 async def test_terminated_idle_connection_is_database_unavailable(db_url, pg_server_url):

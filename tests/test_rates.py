@@ -772,3 +772,17 @@ def test_scheduled_sends_only_when_open(
     for s in sorted(set(sends)):
         assert schedule.is_open(datetime.fromtimestamp(s, UTC).replace(microsecond=0))
     assert max_window_count(sends, period) <= limit
+
+
+def test_move_redates_sends_and_keeps_the_window() -> None:
+    limiter = Limiter(RatePolicy(limit=2, period_s=1.0))
+    limiter.record(10.0, 2)
+    assert limiter.allowance(11.0) == 2
+    limiter.move(10.0, 10.4, 2)  # they really went out 0.4 s late
+    assert limiter.allowance(11.0) == 0
+    assert limiter.earliest(11.0) >= 11.4
+    assert limiter.allowance(11.39) == 0
+    assert limiter.allowance(11.41) == 2
+    limiter.record(12.0, 1)
+    limiter.move(12.0, 12.2, 5)  # more than recorded there: all of it moves, never lost
+    assert limiter.window_count(12.2) == 5

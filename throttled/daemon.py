@@ -21,7 +21,7 @@ from throttled.config import Config, ConfigError
 from throttled.db import migrate
 from throttled.db.embedded import embedded_database
 from throttled.db.repository import DatabaseError, Repository
-from throttled.hubspot.client import HubSpotClient
+from throttled.hubspot.client import HubSpotClient, trace_config
 from throttled.hubspot.fake import FakeHubSpot
 from throttled.ingest import Ingest
 from throttled.intake import Intake
@@ -136,7 +136,9 @@ async def serve(
             )
         )
         session = await stack.enter_async_context(
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256), trace_configs=[trace_config()]
+            )
         )
         fake, api_base = await _hubspot(config, stack)
         runtime = await _assemble(config, repo, session, keyring, fake, api_base, clock)

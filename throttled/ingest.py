@@ -122,21 +122,22 @@ class Ingest:
         stale = {
             a.queue_key: a
             for a in actions
-            if (cached := self._queue_ids.get(a.queue_key)) is None or cached[1] != a.policy
+            if (cached := self._queue_ids.get(a.queue_key)) is None
+            or (cached[1] is not a.policy and cached[1] != a.policy)
         }
         changed: set[int] = set()
         if stale:
-            ids = await self._repo.upsert_queues(
+            fresh = await self._repo.upsert_queues(
                 list(stale),
                 [a.portal_id for a in stale.values()],
                 [a.policy for a in stale.values()],
             )
-            for key, queue_id in ids.items():
+            for key, queue_id in fresh.items():
                 self._queue_ids[key] = (queue_id, stale[key].policy)
                 changed.add(queue_id)
-        mapping = {key: value[0] for key, value in self._queue_ids.items()}
-        await self._repo.insert_actions(actions, mapping)
-        return {mapping[a.queue_key] for a in actions}, changed
+        ids = [self._queue_ids[a.queue_key][0] for a in actions]
+        await self._repo.insert_actions(actions, ids)
+        return set(ids), changed
 
     def forget_queues(self, keys: Iterable[str]) -> None:
         """Drop cached queue ids (after an operator deletes or re-keys queues)."""

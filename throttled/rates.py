@@ -663,6 +663,19 @@ class Limiter:
         self._last = max(self._last, at)
         self._prune()
 
+    def move(self, old_at: float, new_at: float, n: int) -> None:
+        """Re-date n sends recorded at old_at to the later instant new_at (they went out late)."""
+        log = self._log
+        i = bisect.bisect_left(log, old_at, key=lambda entry: entry[0])
+        if i < len(log) and log[i][0] == old_at:
+            taken = min(n, log[i][1])
+            if taken == log[i][1]:
+                del log[i]
+            else:
+                log[i] = (old_at, log[i][1] - taken)
+            self._total -= taken
+        self.record(max(new_at, old_at), n)
+
     def window_count(self, at: float) -> int:
         """Recorded sends in the window (at - T, at]."""
         cutoff, expired = at - self._period, 0

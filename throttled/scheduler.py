@@ -24,7 +24,7 @@ from throttled.sender import Dispatcher, Hooks, _wait
 
 log = structlog.get_logger(__name__)
 
-CLAIM_CHUNK = 5000  # queues per claim statement
+CLAIM_CHUNK = 1000  # queues per claim statement: bounds how long one pass holds the loop
 MAX_CLAIM_ROWS = 1000  # rows per queue per claim
 GATHER_S = 0.002  # let queues that fall due together claim together
 
@@ -71,7 +71,7 @@ class Scheduler(Hooks):
             queue.generation += 1
             queue.active = True
             if not queue.in_sender:
-                self._schedule(queue, now)
+                self._schedule(queue, self._claim_time(queue, now))
         self._wake.set()
 
     def dispatched(self, queue: QueueState) -> None:
@@ -159,12 +159,28 @@ class Scheduler(Hooks):
             return
         self._unknown, self._reload = set(), set()
         now = self._clock()
-        for row in await self._repo.get_queues(list(ids)):
+        rows = await self._repo.get_queues(list(ids))
+        fresh = [row for row in rows if row.id not in self.queues]
+        for row in rows:
             queue = self._track(row)
             queue.generation += 1
             queue.active = True
             if not queue.in_sender:
-                self._schedule(queue, now)
+                self._schedule(queue, self._claim_time(queue, now))
+        if fresh:
+            await self._replay_sends([self.queues[row.id] for row in fresh], now)
+
+    async def _replay_sends(self, queues: list[QueueState], now: float) -> None:
+        """A queue first seen now may have sent recently (before a restart): replay its log."""
+        longest = max(q.limiter.policy.period_s for q in queues)
+        since = datetime.fromtimestamp(now - longest, UTC)
+        for queue_id, sent_at, n in await self._repo.recent_sends_for(
+            [q.id for q in queues], since
+        ):
+            self.queues[queue_id].limiter.record(sent_at.timestamp(), n)
+        for queue in queues:
+            if not queue.in_sender:
+                self._schedule(queue, self._claim_time(queue, now))
 
     def _schedule(self, queue: QueueState, at: float) -> None:
         if at < queue.next_at:  # a later entry already in the heap is harmless: it re-checks
@@ -177,7 +193,7 @@ class Scheduler(Hooks):
     def _pop_due(self, now: float) -> list[tuple[QueueState, float, int]]:
         """Queues whose next slot is within the lookahead: (queue, slot, rows wanted)."""
         due: dict[int, tuple[QueueState, float, int]] = {}
-        while self._heap and self._heap[0][0] <= now:
+        while self._heap and self._heap[0][0] <= now and len(due) < CLAIM_CHUNK:
             _, _, queue_id = heapq.heappop(self._heap)
             queue = self.queues.get(queue_id)
             if queue is None or queue_id in due:
@@ -230,7 +246,7 @@ class Scheduler(Hooks):
             at = held.get(queue.id)
             queue.held_until = at.timestamp() if at is not None else None
             if at is not None:
-                self._schedule(queue, at.timestamp())
+                self._schedule(queue, max(at.timestamp(), self._clock()))
             else:
                 queue.active = False
 

@@ -318,9 +318,29 @@ class PortalSender:
     ) -> _Outcome:
         d = self._d
         body = d.client.completion_body([r.callback_id for _, r in rows])
-        result = await d.client.complete_batch(token, body)
+        sent = [at + d.margin_s]  # the instant charged to the limiters, and stored
+
+        def on_sent() -> None:
+            sent[0] = self._redate(rows, at)
+
+        result = await d.client.complete_batch(token, body, on_sent)
         metrics.REQUESTS.inc(status=str(result.status))
-        return self._judge(rows, at, result)
+        return self._judge(rows, sent[0], result)
+
+    def _redate(self, rows: list[tuple[QueueState, ClaimedAction]], built: float) -> float:
+        """Charge the limiters at the instant the request hits the socket, if that is later;
+        return the charged instant (send + margin), which is also what the rate log keeps."""
+        now = self._d.clock()
+        margin = self._d.margin_s
+        if now > built:
+            counts: dict[int, int] = {}
+            queues: dict[int, QueueState] = {}
+            for queue, _ in rows:
+                counts[queue.id] = counts.get(queue.id, 0) + 1
+                queues[queue.id] = queue
+            for queue_id, n in counts.items():
+                queues[queue_id].limiter.move(built + margin, now + margin, n)
+        return max(now, built) + margin
 
     def _judge(
         self, rows: list[tuple[QueueState, ClaimedAction]], at: float, result: CompletionResult
@@ -331,8 +351,14 @@ class PortalSender:
             metrics.COMPLETED.inc(len(rows))
             return _Outcome(done=[(r, at) for _, r in rows])
         if result.status == 429:
-            wait = (
-                result.retry_after_s or result.rate_interval_s or d.config.portal_interval_seconds
+            wait = next(
+                w
+                for w in (
+                    result.retry_after_s,
+                    result.rate_interval_s,
+                    d.config.portal_interval_seconds,
+                )
+                if w is not None
             )
             self.pause(now + wait)
             log.warning(
@@ -346,14 +372,15 @@ class PortalSender:
         if result.status == 400 and len(rows) > 1:
             return _bisect(rows, at, result.message, d.new_group)
         if result.status == 400:
-            queue, row = rows[0]
+            _, row = rows[0]
             log.warning(
                 "callback_rejected",
                 portal_id=self.portal_id,
                 callback_id=row.callback_id,
                 error=result.message,
             )
-            return _Outcome(failed=[(row, f"400 {result.message}", at)], sends=[(queue.id, at, 1)])
+            # The row's own sent_at keeps this send in the rate log.
+            return _Outcome(failed=[(row, f"400 {result.message}", at)])
         reason = f"{result.status or 'network'} {result.message}".strip()
         return self._failure(rows, at, now, reason)
 

@@ -42,11 +42,13 @@ RETURNING a.id, a.callback_id, a.queue_id, a.portal_id, a.priority, a.deadline,
 """
 
 # When each queue's earliest held-back row becomes claimable (retry backoff), for queues
-# whose claim came back short.
+# whose claim came back short. A backoff that ended between the claim and this query is
+# returned too (in the past): the queue re-arms at once instead of going idle.
 NEXT_NOT_BEFORE = """
 SELECT queue_id, min(not_before) AS at
 FROM actions
-WHERE queue_id = ANY($1::bigint[]) AND state = 'pending' AND not_before > now()
+WHERE queue_id = ANY($1::bigint[]) AND state = 'pending' AND not_before IS NOT NULL
+  AND deadline > now()
 GROUP BY queue_id
 """
 
@@ -84,7 +86,8 @@ WHERE a.id = x.id AND a.state = 'claimed'
 MARK_FAILED = """
 UPDATE actions a
 SET state = 'failed', completed_at = now(), last_error = x.error,
-    attempts = a.attempts + 1, sent_at = COALESCE(x.sent_at, a.sent_at)
+    attempts = a.attempts + 1, failures = a.failures + 1,
+    sent_at = COALESCE(x.sent_at, a.sent_at)
 FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS x(id, error, sent_at)
 WHERE a.id = x.id AND a.state = 'claimed'
 """
@@ -120,6 +123,14 @@ WHERE sent_at > $1 AND state IN ('done', 'failed')
 GROUP BY queue_id, sent_at
 UNION ALL
 SELECT queue_id, sent_at, n FROM queue_sends WHERE sent_at > $1
+"""
+
+RECENT_SENDS_FOR = """
+SELECT queue_id, sent_at, count(*)::int AS n FROM actions
+WHERE queue_id = ANY($2::bigint[]) AND sent_at > $1 AND state IN ('done', 'failed')
+GROUP BY queue_id, sent_at
+UNION ALL
+SELECT queue_id, sent_at, n FROM queue_sends WHERE queue_id = ANY($2::bigint[]) AND sent_at > $1
 """
 
 EXPIRE_DUE = """

@@ -191,12 +191,12 @@ class Repository:
         rows = await self._fetch(q.UPSERT_QUEUES, keys, portals, policies)
         return {r["key"]: r["id"] for r in rows}
 
-    async def insert_actions(self, actions: Sequence[NewAction], queue_ids: dict[str, int]) -> None:
+    async def insert_actions(self, actions: Sequence[NewAction], queue_ids: Sequence[int]) -> None:
         """Store actions in one statement; duplicates (same callback_id) are ignored."""
         await self._execute(
             q.INSERT_ACTIONS,
             [a.callback_id for a in actions],
-            [queue_ids[a.queue_key] for a in actions],
+            queue_ids,
             [a.portal_id for a in actions],
             [a.priority for a in actions],
             [a.deadline for a in actions],
@@ -277,6 +277,13 @@ class Repository:
     async def recent_sends(self, since: datetime) -> list[tuple[int, datetime, int]]:
         """The rate log: (queue_id, sent_at, n) for sends after `since`."""
         rows = await self._fetch(q.RECENT_SENDS, since)
+        return [(r["queue_id"], r["sent_at"], r["n"]) for r in rows]
+
+    async def recent_sends_for(
+        self, queue_ids: Sequence[int], since: datetime
+    ) -> list[tuple[int, datetime, int]]:
+        """The rate log of some queues only."""
+        rows = await self._fetch(q.RECENT_SENDS_FOR, since, queue_ids)
         return [(r["queue_id"], r["sent_at"], r["n"]) for r in rows]
 
     async def expire_due(self, limit: int) -> list[int]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -76,15 +77,25 @@ class HubSpotClient:
         ]
         return json.dumps({"inputs": inputs}, separators=(",", ":")).encode()
 
-    async def complete_batch(self, access_token: str, body: bytes) -> CompletionResult:
-        """POST one batch completion; network failures come back as status 0."""
+    async def complete_batch(
+        self, access_token: str, body: bytes, on_sent: Callable[[], None] | None = None
+    ) -> CompletionResult:
+        """POST one batch completion; network failures come back as status 0.
+
+        `on_sent` runs right before the body is written to the socket (see `trace_config`).
+        """
         headers = {
             "Authorization": f"Bearer {access_token}",
             "Content-Type": "application/json",
         }
+        ctx = SimpleNamespace(on_sent=on_sent)
         try:
             async with self._session.post(
-                self._complete_url, data=body, headers=headers, timeout=self._timeout
+                self._complete_url,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                trace_request_ctx=ctx,
             ) as resp:
                 text = await resp.text() if resp.status != 204 else ""
                 return _result(resp.status, resp.headers, text)
@@ -167,3 +178,23 @@ def _token_response(text: str, old_refresh: str) -> TokenResponse:
         raise TokenError(
             "token endpoint answered with an unexpected body", permanent=False
         ) from None
+
+
+async def _on_chunk_sent(
+    session: aiohttp.ClientSession,
+    ctx: SimpleNamespace,
+    params: aiohttp.TraceRequestChunkSentParams,
+) -> None:
+    """Tell the caller the request is going out now (once; the awaiting writer sends next)."""
+    request_ctx: Any = getattr(ctx, "trace_request_ctx", None)
+    callback = getattr(request_ctx, "on_sent", None)
+    if callback is not None:
+        request_ctx.on_sent = None
+        callback()
+
+
+def trace_config() -> aiohttp.TraceConfig:
+    """Client tracing that reports the instant a completion request hits the socket."""
+    config = aiohttp.TraceConfig()
+    config.on_request_chunk_sent.append(_on_chunk_sent)
+    return config
