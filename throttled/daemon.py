@@ -271,8 +271,10 @@ async def _run(
         )
         tg.create_task(maintenance(runtime, claim_stop), name="maintenance")
         log.info("throttled_ready", url=runtime.url, pid=os.getpid(), mock=config.hubspot.mock)
-        if config.hubspot.mock:
+        if config.hubspot.mock and sys.stderr.isatty():
             print(_try_it(runtime), file=sys.stderr, flush=True)
+        elif config.hubspot.mock:
+            log.info("mock_mode", try_it=_try_it(runtime).strip())
         if on_ready is not None:
             on_ready(runtime)
         await stop.wait()
@@ -360,6 +362,7 @@ async def check_deadlines(runtime: Runtime) -> None:
     """Warn about queues whose backlog will not drain before its newest action's deadline."""
     now = time.time()
     at_risk: set[int] = set()
+    newly: list[dict[str, object]] = []
     for queue_id, pending, latest_deadline in await runtime.repo.pending_by_queue():
         queue = runtime.scheduler.queues.get(queue_id)
         if queue is None:
@@ -368,15 +371,24 @@ async def check_deadlines(runtime: Runtime) -> None:
         if eta > latest_deadline.timestamp():
             at_risk.add(queue_id)
             if queue_id not in runtime.scheduler.at_risk:
-                log.warning(
-                    "queue_backlog_past_deadline",
-                    queue=queue.key,
-                    pending=pending,
-                    drains_at=_iso(eta),
-                    deadline=latest_deadline.isoformat(),
-                    rate=queue.limiter.policy.describe(),
+                newly.append(
+                    {
+                        "queue": queue.key,
+                        "pending": pending,
+                        "drains_at": _iso(eta),
+                        "deadline": latest_deadline.isoformat(),
+                        "rate": queue.limiter.policy.describe(),
+                    }
                 )
     runtime.scheduler.at_risk = at_risk
+    # One line per check, whatever the number of queues: a sample names the worst cases.
+    if newly:
+        log.warning(
+            "queue_backlog_past_deadline",
+            queues=len(newly),
+            at_risk_total=len(at_risk),
+            sample=newly[:5],
+        )
 
 
 def _iso(ts: float) -> str:

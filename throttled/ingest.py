@@ -69,7 +69,8 @@ class Ingest:
         item = _Item(action)
         self._items.append(item)
         self._wake.set()
-        await asyncio.shield(item.done)
+        # Cancelled (client gone)? The row is still committed; HubSpot's retry gets a duplicate.
+        await item.done
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run the flushers until `stop`, then commit whatever is buffered."""

@@ -32,7 +32,7 @@ class Intake:
         self._expiry = timedelta(seconds=block_expiration_s)
         self.action_configs: dict[tuple[int, int], rates.PolicySpec] = dict(action_configs or {})
         self._clock = clock
-        self._policy_cache: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._policy_cache: dict[tuple[Any, ...], dict[str, Any]] = {}  # keyed on rate fields
 
     def build(self, request: ActionRequest) -> NewAction:
         """The row to store for this request."""
@@ -51,7 +51,8 @@ class Intake:
 
     def _policy(self, request: ActionRequest) -> dict[str, Any]:
         admin = self.action_configs.get((request.portal_id, request.action_definition_id))
-        cache_key = (tuple(sorted(request.input_fields.items(), key=str)), id(admin))
+        fields = request.input_fields
+        cache_key = (*(fields.get(k) for k in rates.INPUT_KEYS), id(admin))
         cached = self._policy_cache.get(cache_key)
         if cached is not None:
             return cached

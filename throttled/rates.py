@@ -485,6 +485,8 @@ _CONFIG_NAMES: Mapping[str, tuple[str, ...]] = {
     "start_at": ("start_at",),
 }
 SPEC_KEYS: frozenset[str] = frozenset(name for names in _CONFIG_NAMES.values() for name in names)
+# Every inputFields name that can change a rate policy (callers cache on just these).
+INPUT_KEYS: tuple[str, ...] = tuple(name for names in _INPUT_NAMES.values() for name in names)
 
 
 def _absent(value: Any) -> bool:
