@@ -39,7 +39,6 @@ PORTAL = 62515
 SLOW_DEFAULTS = {"max_throughput": 5, "time_unit": "seconds"}  # far below the offered load
 SHUTDOWN_TIMEOUT_S = 15.0
 SEND_MARGIN_MS = 50.0
-RESTART_JITTER_S = SEND_MARGIN_MS / 1000
 EXIT_WAIT_S = SHUTDOWN_TIMEOUT_S + 45.0  # only catches hangs
 
 
@@ -55,8 +54,8 @@ async def daemon_process(
         api_base_url=fake_hubspot.base_url,
         defaults=SLOW_DEFAULTS,
         server={"shutdown_timeout_s": SHUTDOWN_TIMEOUT_S},
-        # The fake times completions as they arrive on the test's busy loop, a few ms after
-        # the child built them; the default 2 ms margin is below that delivery jitter.
+        # The fake timestamps a completion when its handler runs on the test's loop, a little
+        # after the child wrote it: a margin well above that keeps the checks about bursts.
         sender={"send_margin_ms": SEND_MARGIN_MS},
     )
     made: list[DaemonProcess] = []
@@ -213,14 +212,7 @@ async def test_kill_9_then_restart_completes_backlog_without_burst(
 
     times = fake_hubspot.sends_for(limited_ids)  # both runs, re-sends included
     why = _send_log(fake_hubspot, limited_ids, killed_at, ready_at)
-    first_run = [t for t in times if t < killed_at + 0.2]  # the second was still starting
-    second_run = [t for t in times if t >= killed_at + 0.2]
-    assert max_in_window(first_run, 1.0) <= 2, why
-    assert max_in_window(second_run, 1.0) <= 2, why
-    # Across the restart, the send margin is lost (pinned by
-    # test_restart_keeps_the_send_margin), so allow the fake's arrival jitter there; a burst
-    # after the restart is still caught.
-    assert max_in_window(times, 1.0 - RESTART_JITTER_S) <= 2, why
+    assert max_in_window(times, 1.0) <= 2, why
     for callback_id in limited_ids:
         assert fake_hubspot.completed[callback_id][1] == {"hs_execution_state": "SUCCESS"}
 

@@ -108,6 +108,7 @@ class SenderConfig:
     hold_after_failures: int = 3
     hold_s: float = 1800.0
     lookahead_s: float = 0.5
+    claim_ahead_s: float = 2.0
     send_margin_ms: float = 2.0
     max_in_flight: int = 8
 
@@ -329,6 +330,7 @@ def validate(config: Config) -> None:
         (config.sender.max_attempts >= 1, "sender.max_attempts: must be >= 1"),
         (config.sender.max_in_flight >= 1, "sender.max_in_flight: must be >= 1"),
         (config.sender.lookahead_s >= 0, "sender.lookahead_s: must be >= 0"),
+        (config.sender.claim_ahead_s >= 0, "sender.claim_ahead_s: must be >= 0"),
         (0 <= config.sender.send_margin_ms <= 1000, "sender.send_margin_ms: must be 0..1000"),
         (config.ingest.max_body_bytes >= 1024, "ingest.max_body_bytes: must be >= 1024"),
         (config.ingest.max_pending >= 1, "ingest.max_pending: must be >= 1"),

@@ -203,7 +203,13 @@ async def _assemble(
         clock=clock,
         margin_s=config.sender.send_margin_ms / 1000,
     )
-    scheduler = Scheduler(repo, dispatcher, clock=clock, lookahead_s=config.sender.lookahead_s)
+    scheduler = Scheduler(
+        repo,
+        dispatcher,
+        clock=clock,
+        lookahead_s=config.sender.lookahead_s,
+        claim_ahead_s=config.sender.claim_ahead_s,
+    )
     await scheduler.recover()
     configs = await repo.action_configs()
     intake = Intake(

@@ -23,6 +23,7 @@ class QueueState:
     generation: int = 0  # bumped on every notification; a claim that raced one stays active
     held_until: float | None = None  # earliest retry backoff known to be pending
     next_at: float = float("inf")  # earliest claim time in the scheduler's heap
+    claiming: bool = False  # a claim statement for this queue is in flight
     sent: int = 0
     problems: list[str] = field(default_factory=list)
 

@@ -27,6 +27,8 @@ log = structlog.get_logger(__name__)
 CLAIM_CHUNK = 1000  # queues per claim statement: bounds how long one pass holds the loop
 MAX_CLAIM_ROWS = 1000  # rows per queue per claim
 GATHER_S = 0.002  # let queues that fall due together claim together
+URGENT_S = 0.01  # a slot open within this is "now": such queues may use the urgent lane
+URGENT_CHUNK = CLAIM_CHUNK  # late queues are many after a stall: claim them in bulk too
 
 
 class Scheduler(Hooks):
@@ -39,11 +41,19 @@ class Scheduler(Hooks):
         *,
         clock: Callable[[], float],
         lookahead_s: float,
+        claim_ahead_s: float = 0.0,
     ) -> None:
         self._repo = repo
         self._dispatcher = dispatcher
         self._clock = clock
         self._lookahead_s = lookahead_s
+        self._claim_ahead_s = claim_ahead_s
+        # Two claim lanes: "bulk" claims backlog queues ahead of their slots; "urgent" claims
+        # queues whose slot is already open (a new action on an idle queue), so those never
+        # wait behind a large bulk claim.
+        self._busy: dict[str, bool] = {"bulk": False, "urgent": False}
+        self._claim_tasks: set[asyncio.Task[None]] = set()
+        self._claim_error: Exception | None = None  # re-raised by the loop
         self.queues: dict[int, QueueState] = {}
         self._heap: list[tuple[float, int, int]] = []
         self._seq = itertools.count()
@@ -134,13 +144,22 @@ class Scheduler(Hooks):
     # -- the loop ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Claim due queues until stopped."""
+        """Claim due queues until stopped; up to `concurrent_claims` statements at once, so a
+        new action on an idle queue never waits behind a large claim."""
+        try:
+            await self._loop(stop)
+        finally:
+            if self._claim_tasks:
+                await asyncio.gather(*self._claim_tasks, return_exceptions=True)
+
+    async def _loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
+                if self._claim_error is not None:
+                    error, self._claim_error = self._claim_error, None
+                    raise error
                 await self._load_new()
-                due = self._pop_due(self._clock())
-                if due:
-                    await self._claim(due)
+                if self._start_due(self._clock()):
                     continue
             except DatabaseError as exc:
                 log.warning("scheduler_db_error", error=str(exc))
@@ -148,6 +167,11 @@ class Scheduler(Hooks):
                 continue
             self._wake.clear()
             timeout = self._heap[0][0] - self._clock() if self._heap else None
+            if self._busy["bulk"] and self._busy["urgent"]:
+                timeout = None  # a finishing claim sets the wake event
+            elif self._busy["bulk"] and timeout is not None:
+                # only queues whose slot is open may go now, in the urgent lane
+                timeout = max(timeout + self._lookahead_s - URGENT_S, 0.0)
             if timeout is None or timeout > 0:
                 await _wait(self._wake, timeout, stop)
             if not stop.is_set():
@@ -190,16 +214,16 @@ class Scheduler(Hooks):
     def _claim_time(self, queue: QueueState, now: float) -> float:
         return queue.limiter.earliest(now) - self._lookahead_s
 
-    def _pop_due(self, now: float) -> list[tuple[QueueState, float, int]]:
-        """Queues whose next slot is within the lookahead: (queue, slot, rows wanted)."""
+    def _pop_due(self, now: float, until: float, limit: int) -> list[tuple[QueueState, float, int]]:
+        """Up to `limit` queues due by `until` with a slot within the lookahead."""
         due: dict[int, tuple[QueueState, float, int]] = {}
-        while self._heap and self._heap[0][0] <= now and len(due) < CLAIM_CHUNK:
+        while self._heap and self._heap[0][0] <= until and len(due) < limit:
             _, _, queue_id = heapq.heappop(self._heap)
             queue = self.queues.get(queue_id)
             if queue is None or queue_id in due:
                 continue
             queue.next_at = float("inf")
-            if not queue.active or queue.in_sender:
+            if not queue.active or queue.in_sender or queue.claiming:
                 continue
             slot = queue.limiter.earliest(now)
             if slot - self._lookahead_s > now:
@@ -212,11 +236,47 @@ class Scheduler(Hooks):
         return list(due.values())
 
     def _wanted(self, queue: QueueState, slot: float) -> int:
-        limiter = queue.limiter
-        if limiter.policy.pacing == "even":
-            planned = len(limiter.plan(slot, self._lookahead_s + 1e-9, MAX_CLAIM_ROWS))
-            return max(1, planned)
-        return min(limiter.allowance(slot), MAX_CLAIM_ROWS)
+        """Rows for the slots within the claim horizon (fewer, larger claims)."""
+        horizon = max(self._lookahead_s, self._claim_ahead_s) + 1e-9
+        planned = len(queue.limiter.plan(slot, horizon, MAX_CLAIM_ROWS))
+        return max(1, planned)
+
+    def _start_due(self, now: float) -> bool:
+        """Start a claim in a free lane, if any queue is due for it."""
+        if not self._busy["bulk"]:
+            due = self._pop_due(now, now, CLAIM_CHUNK)
+            lane = "bulk"
+        elif not self._busy["urgent"]:
+            due = self._pop_due(now, now - self._lookahead_s + URGENT_S, URGENT_CHUNK)
+            lane = "urgent"
+        else:
+            return False
+        if due:
+            self._start_claim(due, lane)
+        return bool(due)
+
+    def _start_claim(self, due: list[tuple[QueueState, float, int]], lane: str) -> None:
+        for queue, _, _ in due:
+            queue.claiming = True
+        self._busy[lane] = True
+        task = asyncio.create_task(self._claim_task(due, lane), name=f"claim-{lane}")
+        self._claim_tasks.add(task)
+        task.add_done_callback(self._claim_tasks.discard)
+
+    async def _claim_task(self, due: list[tuple[QueueState, float, int]], lane: str) -> None:
+        try:
+            await self._claim(due)
+        except DatabaseError as exc:
+            self._claim_error = exc
+            for queue, _, _ in due:  # try these again once the database answers
+                self._schedule(queue, self._clock() + 1.0)
+        except Exception as exc:  # a bug: stop the daemon (systemd restarts it) rather than hide it
+            self._claim_error = exc
+        finally:
+            for queue, _, _ in due:
+                queue.claiming = False
+            self._busy[lane] = False
+            self._wake.set()
 
     async def _claim(self, due: list[tuple[QueueState, float, int]]) -> None:
         for start in range(0, len(due), CLAIM_CHUNK):

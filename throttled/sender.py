@@ -151,12 +151,15 @@ class Budget:
         self._log: deque[float] = deque()
 
     def earliest(self, now: float) -> float:
-        """When the next request may go."""
+        """When the next request may go: at once while under half the budget; beyond that,
+        paced evenly (interval / limit apart) so each request gathers more callbacks."""
         while self._log and self._log[0] <= now - self.interval_s:
             self._log.popleft()
-        if len(self._log) < self.limit:
+        if len(self._log) >= self.limit:
+            return self._log[-self.limit] + self.interval_s
+        if len(self._log) * 2 < self.limit:
             return now
-        return self._log[-self.limit] + self.interval_s
+        return max(now, self._log[-1] + self.interval_s / self.limit)
 
     def spend(self, at: float) -> None:
         """Count one request at `at`."""
