@@ -27,8 +27,7 @@ log = structlog.get_logger(__name__)
 CLAIM_CHUNK = 1000  # queues per claim statement: bounds how long one pass holds the loop
 MAX_CLAIM_ROWS = 1000  # rows per queue per claim
 GATHER_S = 0.002  # let queues that fall due together claim together
-URGENT_S = 0.01  # a slot open within this is "now": such queues may use the urgent lane
-URGENT_CHUNK = CLAIM_CHUNK  # late queues are many after a stall: claim them in bulk too
+URGENT_CHUNK = 200  # queues per fast-lane claim
 
 
 class Scheduler(Hooks):
@@ -52,6 +51,7 @@ class Scheduler(Hooks):
         # queues whose slot is already open (a new action on an idle queue), so those never
         # wait behind a large bulk claim.
         self._busy: dict[str, bool] = {"bulk": False, "urgent": False}
+        self._fresh: dict[int, QueueState] = {}  # queues that just went from idle to active
         self._claim_tasks: set[asyncio.Task[None]] = set()
         self._claim_error: Exception | None = None  # re-raised by the loop
         self.queues: dict[int, QueueState] = {}
@@ -79,6 +79,8 @@ class Scheduler(Hooks):
                 self._unknown.add(queue_id)
                 continue
             queue.generation += 1
+            if not queue.active and not queue.in_sender and not queue.claiming:
+                self._fresh[queue.id] = queue  # was idle: its first claim takes the fast lane
             queue.active = True
             if not queue.in_sender:
                 self._schedule(queue, self._claim_time(queue, now))
@@ -167,11 +169,8 @@ class Scheduler(Hooks):
                 continue
             self._wake.clear()
             timeout = self._heap[0][0] - self._clock() if self._heap else None
-            if self._busy["bulk"] and self._busy["urgent"]:
-                timeout = None  # a finishing claim sets the wake event
-            elif self._busy["bulk"] and timeout is not None:
-                # only queues whose slot is open may go now, in the urgent lane
-                timeout = max(timeout + self._lookahead_s - URGENT_S, 0.0)
+            if self._busy["bulk"]:
+                timeout = None  # a new action (notify) or a finishing claim sets the wake event
             if timeout is None or timeout > 0:
                 await _wait(self._wake, timeout, stop)
             if not stop.is_set():
@@ -188,6 +187,8 @@ class Scheduler(Hooks):
         for row in rows:
             queue = self._track(row)
             queue.generation += 1
+            if not queue.active and not queue.in_sender and not queue.claiming:
+                self._fresh[queue.id] = queue
             queue.active = True
             if not queue.in_sender:
                 self._schedule(queue, self._claim_time(queue, now))
@@ -205,6 +206,7 @@ class Scheduler(Hooks):
         for queue in queues:
             if not queue.in_sender:
                 self._schedule(queue, self._claim_time(queue, now))
+                self._fresh[queue.id] = queue
 
     def _schedule(self, queue: QueueState, at: float) -> None:
         if at < queue.next_at:  # a later entry already in the heap is harmless: it re-checks
@@ -242,18 +244,30 @@ class Scheduler(Hooks):
         return max(1, planned)
 
     def _start_due(self, now: float) -> bool:
-        """Start a claim in a free lane, if any queue is due for it."""
+        """Start a claim in a free lane: queues that just woke up go first, in their own lane,
+        so a new action on an idle queue never waits behind the backlog's claims."""
+        if not self._busy["urgent"] and self._fresh:
+            due = self._take_fresh(now)
+            if due:
+                self._start_claim(due, "urgent")
+                return True
         if not self._busy["bulk"]:
             due = self._pop_due(now, now, CLAIM_CHUNK)
-            lane = "bulk"
-        elif not self._busy["urgent"]:
-            due = self._pop_due(now, now - self._lookahead_s + URGENT_S, URGENT_CHUNK)
-            lane = "urgent"
-        else:
-            return False
-        if due:
-            self._start_claim(due, lane)
-        return bool(due)
+            if due:
+                self._start_claim(due, "bulk")
+                return True
+        return False
+
+    def _take_fresh(self, now: float) -> list[tuple[QueueState, float, int]]:
+        due: list[tuple[QueueState, float, int]] = []
+        while self._fresh and len(due) < URGENT_CHUNK:
+            _, queue = self._fresh.popitem()
+            if not queue.active or queue.in_sender or queue.claiming:
+                continue
+            slot = queue.limiter.earliest(now)
+            if slot - self._lookahead_s <= now:
+                due.append((queue, slot, self._wanted(queue, slot)))
+        return due
 
     def _start_claim(self, due: list[tuple[QueueState, float, int]], lane: str) -> None:
         for queue, _, _ in due:
