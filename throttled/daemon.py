@@ -306,6 +306,7 @@ async def _run(
 def _try_it(runtime: Runtime) -> str:
     """How to send a signed test action to a mock-mode daemon."""
     base = runtime.config.server.public_url.rstrip("/") or runtime.url
+    command = sys.argv[0] if sys.argv[0].endswith("throttled") else "throttled"
     # Only the development placeholder is ever printed; a real secret stays out of the output.
     configured = runtime.config.hubspot.client_secret.reveal()
     secret = configured if configured == DEV_SECRET else "<hubspot.client_secret>"
@@ -317,7 +318,7 @@ def _try_it(runtime: Runtime) -> str:
     return (
         "\nMock mode: completions go to a built-in fake HubSpot. Send a signed test action:\n"
         f"  echo '{body}' > /tmp/action.json\n"
-        f'  eval "$(throttled sign --secret {secret} --url {base}/api/hubspot/action'
+        f'  eval "$({command} sign --secret {secret} --url {base}/api/hubspot/action'
         ' --body /tmp/action.json --curl)"\n'
         f"  curl -s {runtime.url}/metrics | grep completed\n"
     )
