@@ -34,7 +34,7 @@ from throttled.web.app import Services, make_app
 log = structlog.get_logger(__name__)
 
 
-DEV_SECRET = "dev-client-secret-placeholder"  # throttled.dev.toml's, printed in mock mode
+DEV_SECRET = "dev.placeholder.not.a.secret"  # throttled.dev.toml's, printed in mock mode
 
 
 class StartupError(Exception):
