@@ -139,8 +139,10 @@ class Daemon:
 
     async def stop(self) -> None:
         self.stop_event.set()
-        await asyncio.wait_for(self.task, 30)
-        await self.session.close()
+        try:
+            await asyncio.wait_for(self.task, 30)
+        finally:
+            await self.session.close()
 
 
 @contextlib.asynccontextmanager
