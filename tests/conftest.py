@@ -24,7 +24,7 @@ from throttled import config as config_module
 from throttled.config import Config
 from throttled.daemon import Runtime, serve
 from throttled.db import migrate
-from throttled.db.embedded import start_blocking
+from throttled.db.embedded import start_blocking, stop_blocking
 from throttled.hubspot.fake import FakeHubSpot
 from throttled.hubspot.signature import sign_headers
 
@@ -39,14 +39,16 @@ def with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """THROTTLED_TEST_DATABASE_URL, or an embedded PostgreSQL for the session."""
+def pg_server_url() -> Iterator[str]:
+    """THROTTLED_TEST_DATABASE_URL, or an embedded PostgreSQL for the session (stopped after)."""
     url = os.environ.get("THROTTLED_TEST_DATABASE_URL")
     if url:
-        return url
+        yield url
+        return
     root = Path(os.environ.get("THROTTLED_TEST_EMBEDDED_DIR", "/tmp/throttled-test-pg"))
-    _, embedded = start_blocking(str(root))
-    return embedded
+    server, embedded = start_blocking(str(root))
+    yield embedded
+    stop_blocking(server)
 
 
 @pytest.fixture(scope="session")
