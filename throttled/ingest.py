@@ -8,7 +8,13 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from throttled.db.repository import DatabaseError, DatabaseUnavailable, NewAction, Repository
+from throttled.db.repository import (
+    DatabaseError,
+    DatabaseUnavailable,
+    NewAction,
+    QueueRow,
+    Repository,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +46,7 @@ class Ingest:
         max_pending: int,
         flushers: int,
         linger_s: float = 0.0,
-        on_stored: Callable[[set[int], set[int]], None] = lambda _ids, _changed: None,
+        on_stored: Callable[[set[int], list[QueueRow]], None] = lambda _ids, _changed: None,
     ) -> None:
         self._repo = repo
         self._batch_max = batch_max
@@ -119,23 +125,23 @@ class Ingest:
         for item in batch:
             await self._flush([item])
 
-    async def _store(self, actions: list[NewAction]) -> tuple[set[int], set[int]]:
+    async def _store(self, actions: list[NewAction]) -> tuple[set[int], list[QueueRow]]:
         stale = {
             a.queue_key: a
             for a in actions
             if (cached := self._queue_ids.get(a.queue_key)) is None
             or (cached[1] is not a.policy and cached[1] != a.policy)
         }
-        changed: set[int] = set()
+        changed: list[QueueRow] = []
         if stale:
             fresh = await self._repo.upsert_queues(
                 list(stale),
                 [a.portal_id for a in stale.values()],
                 [a.policy for a in stale.values()],
             )
-            for key, queue_id in fresh.items():
-                self._queue_ids[key] = (queue_id, stale[key].policy)
-                changed.add(queue_id)
+            for row in fresh:
+                self._queue_ids[row.key] = (row.id, stale[row.key].policy)
+                changed.append(row)
         ids = [self._queue_ids[a.queue_key][0] for a in actions]
         await self._repo.insert_actions(actions, ids)
         return set(ids), changed

@@ -59,8 +59,8 @@ class Scheduler(Hooks):
         self._seq = itertools.count()
         self._wake = asyncio.Event()
         self._unknown: set[int] = set()
-        self._reload: set[int] = set()
         self.claims = 0
+        self._started_at = clock()
         self.at_risk: set[int] = set()  # queues whose backlog will outlive its deadline
         dispatcher.hooks = self
         metrics.ACTIVE_QUEUES.read = lambda: float(sum(q.active for q in self.queues.values()))
@@ -68,11 +68,17 @@ class Scheduler(Hooks):
 
     # -- events from ingest and the senders (synchronous, cheap) ----------------------------
 
-    def notify(self, queue_ids: Iterable[int], changed: Iterable[int] = ()) -> None:
-        """New rows were committed for these queues (policy changed for `changed`)."""
+    def notify(self, queue_ids: Iterable[int], changed: Iterable[QueueRow] = ()) -> None:
+        """New rows were committed for these queues; `changed` are queue rows intake just
+        created or re-resolved. A queue created by this process has no rate log to replay,
+        so it is tracked at once (no database round trip before its first claim)."""
         now = self._clock()
-        for queue_id in changed:
-            self._reload.add(queue_id)
+        for row in changed:
+            # (5 s of slack for a database clock running ahead of ours)
+            if row.id in self.queues or row.created_at.timestamp() >= self._started_at + 5.0:
+                self._track(row)
+            else:
+                self._unknown.add(row.id)  # existed before: replay its recent sends first
         for queue_id in queue_ids:
             queue = self.queues.get(queue_id)
             if queue is None:
@@ -177,10 +183,10 @@ class Scheduler(Hooks):
                 await asyncio.sleep(GATHER_S)
 
     async def _load_new(self) -> None:
-        ids = self._unknown | self._reload
+        ids = self._unknown
         if not ids:
             return
-        self._unknown, self._reload = set(), set()
+        self._unknown = set()
         now = self._clock()
         rows = await self._repo.get_queues(list(ids))
         fresh = [row for row in rows if row.id not in self.queues]

@@ -6,7 +6,7 @@ UPSERT_QUEUES = """
 INSERT INTO queues (key, portal_id, policy)
 SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[])
 ON CONFLICT (key) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()
-RETURNING id, key, override
+RETURNING id, key, portal_id, policy, override, created_at
 """
 
 INSERT_ACTIONS = """
@@ -53,13 +53,13 @@ GROUP BY queue_id
 """
 
 ACTIVE_QUEUES = """
-SELECT q.id, q.key, q.portal_id, q.policy, q.override
+SELECT q.id, q.key, q.portal_id, q.policy, q.override, q.created_at
 FROM queues q
 WHERE EXISTS (SELECT 1 FROM actions a WHERE a.queue_id = q.id AND a.state = 'pending')
 """
 
 GET_QUEUES = """
-SELECT id, key, portal_id, policy, override FROM queues WHERE id = ANY($1::bigint[])
+SELECT id, key, portal_id, policy, override, created_at FROM queues WHERE id = ANY($1::bigint[])
 """
 
 # -- results --------------------------------------------------------------------------------

@@ -98,6 +98,7 @@ class QueueRow:
     portal_id: int
     policy: dict[str, Any]
     override: dict[str, Any] | None
+    created_at: datetime
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> QueueRow:
@@ -186,10 +187,10 @@ class Repository:
 
     async def upsert_queues(
         self, keys: Sequence[str], portals: Sequence[int], policies: Sequence[dict[str, Any]]
-    ) -> dict[str, int]:
-        """Create or update queues; return key → id."""
+    ) -> list[QueueRow]:
+        """Create or update queues; return their rows."""
         rows = await self._fetch(q.UPSERT_QUEUES, keys, portals, policies)
-        return {r["key"]: r["id"] for r in rows}
+        return [QueueRow.from_row(r) for r in rows]
 
     async def insert_actions(self, actions: Sequence[NewAction], queue_ids: Sequence[int]) -> None:
         """Store actions in one statement; duplicates (same callback_id) are ignored."""
