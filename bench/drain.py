@@ -700,27 +700,7 @@ class DrainBench:
 def main() -> int:
     """Run the benchmark."""
     args = parse_args()
-    harness.on_signals_unwind()
-    bench = DrainBench(args)
-    summary = "SUMMARY drain: FAILED"
-    code = 1
-    try:
-        summary = bench.run()
-        code = 0
-    except (KeyboardInterrupt, harness.Interrupted) as exc:
-        summary = f"SUMMARY drain: INTERRUPTED ({type(exc).__name__} {exc})"
-        code = 130
-    except Exception as exc:
-        import traceback
-
-        traceback.print_exc()
-        summary = f"SUMMARY drain: FAILED ({type(exc).__name__}: {str(exc)[:200]})"
-        if bench.daemon_log.exists():
-            print("daemon log tail:\n" + bench.daemon_log.read_text(errors="replace")[-3000:])
-    finally:
-        bench.cleanup()
-    print(summary.replace("\n", " "), flush=True)
-    return code
+    return harness.run_main("drain", DrainBench(args))
 
 
 if __name__ == "__main__":

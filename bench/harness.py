@@ -21,7 +21,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -419,3 +419,35 @@ def merged(
     for section, values in extra.items():
         out.setdefault(section, {}).update(values)
     return out
+
+
+class Bench(Protocol):
+    """What run_main needs of a benchmark."""
+
+    daemon_log: Path
+
+    def run(self) -> str: ...
+
+    def cleanup(self) -> None: ...
+
+
+def run_main(name: str, bench: Bench) -> int:
+    """Run a benchmark, always clean up, and print its one-line SUMMARY last."""
+    on_signals_unwind()
+    summary, code = f"SUMMARY {name}: FAILED", 1
+    try:
+        summary, code = bench.run(), 0
+    except (KeyboardInterrupt, Interrupted) as exc:
+        summary = f"SUMMARY {name}: INTERRUPTED ({type(exc).__name__} {exc})"
+        code = 130
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        summary = f"SUMMARY {name}: FAILED ({type(exc).__name__}: {str(exc)[:200]})"
+        if bench.daemon_log.exists():
+            print("daemon log tail:\n" + bench.daemon_log.read_text(errors="replace")[-3000:])
+    finally:
+        bench.cleanup()
+    print(summary.replace("\n", " "), flush=True)
+    return code

@@ -921,28 +921,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_client":
         return client_command(sys.argv[2:])
     args = parse_args()
-    harness.on_signals_unwind()
-    bench = IngestBench(args)
-    summary = "SUMMARY ingest: FAILED"
-    code = 1
-    try:
-        summary = bench.run()
-        code = 0
-    except (KeyboardInterrupt, harness.Interrupted) as exc:
-        summary = f"SUMMARY ingest: INTERRUPTED ({type(exc).__name__} {exc})"
-        code = 130
-    except Exception as exc:
-        import traceback
-
-        traceback.print_exc()
-        summary = f"SUMMARY ingest: FAILED ({type(exc).__name__}: {str(exc)[:200]})"
-        log = bench.daemon_log
-        if log.exists():
-            print("daemon log tail:\n" + log.read_text(errors="replace")[-3000:])
-    finally:
-        bench.cleanup()
-    print(summary.replace("\n", " "), flush=True)
-    return code
+    return harness.run_main("ingest", IngestBench(args))
 
 
 if __name__ == "__main__":

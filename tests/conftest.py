@@ -86,8 +86,10 @@ async def fake_hubspot() -> AsyncIterator[FakeHubSpot]:
         await fake.close()
 
 
-def make_config(db_url: str, api_base_url: str, **sections: dict[str, Any]) -> Config:
-    """A test configuration; `sections` override keys per section."""
+def config_mapping(
+    db_url: str, api_base_url: str, **sections: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The test configuration as TOML-shaped sections; `sections` override keys."""
     raw: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": 0, "shutdown_timeout_s": 15.0},
         "database": {"url": db_url, "pool_min": 2, "pool_max": 8},
@@ -103,6 +105,12 @@ def make_config(db_url: str, api_base_url: str, **sections: dict[str, Any]) -> C
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def make_config(db_url: str, api_base_url: str, **sections: dict[str, Any]) -> Config:
+    """A validated test Config; `sections` override keys per section."""
+    raw = config_mapping(db_url, api_base_url, **sections)
     cfg = config_module.from_mapping(raw, source="(test)")
     config_module.validate(cfg)
     return cfg

@@ -7,11 +7,9 @@ asynchronous: nothing may block the loop while the child is running.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import os
-import secrets
 import signal
 import socket
 import sys
@@ -25,7 +23,7 @@ from typing import Any
 import aiohttp
 import psycopg
 
-from tests.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.conftest import CLIENT_SECRET, config_mapping
 
 THROTTLED = str(Path(sys.executable).with_name("throttled"))
 ACTION_PATH = "/api/hubspot/action"
@@ -65,26 +63,13 @@ def write_config(
     """Write a daemon config on a free port; return (path, public URL)."""
     port = free_port()
     public_url = f"http://127.0.0.1:{port}"
-    raw: dict[str, dict[str, Any]] = {
-        "server": {
-            "host": "127.0.0.1",
-            "port": port,
-            "public_url": public_url,
-            "shutdown_timeout_s": 15.0,
-        },
-        "database": {"url": db_url, "pool_min": 2, "pool_max": 8},
-        "hubspot": {
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
-            "api_base_url": api_base_url,
-            "request_timeout_s": 5.0,
-        },
-        "security": {"encryption_key": base64.b64encode(secrets.token_bytes(32)).decode()},
-        "sender": {"backoff_base_s": 0.2, "backoff_max_s": 1.0},
-        "logging": {"level": "info", "format": "json"},
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
+    raw = config_mapping(
+        db_url,
+        api_base_url,
+        logging={"level": "info", "format": "json"},
+        **sections,
+    )
+    raw["server"].update(port=port, public_url=public_url)
     lines: list[str] = []
     for section, values in raw.items():
         lines.append(f"[{section}]")

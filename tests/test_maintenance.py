@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import psycopg
 
-from tests.conftest import action_payload
+from tests.conftest import action_payload, wait_for
 from throttled import metrics
 from throttled.daemon import maintain_once
 
@@ -17,8 +17,10 @@ async def test_backlog_that_outlives_its_deadline_is_reported(daemon_factory):
         for _ in range(3):
             assert (await daemon.post_action(action_payload(input_fields=slow)))[0] == 200
             assert (await daemon.post_action(action_payload(input_fields=fast)))[0] == 200
-        await maintain_once(daemon.runtime)
         scheduler = daemon.runtime.scheduler
+        # The check uses each queue's rate log, so wait until the scheduler tracks both.
+        await wait_for(lambda: len(scheduler.queues) == 2)
+        await maintain_once(daemon.runtime)
         at_risk = {scheduler.queues[q].key for q in scheduler.at_risk}
         assert at_risk == {"queue:62515:named:slow"}
         assert metrics.QUEUES_AT_RISK.read() == 1.0

@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 
 from throttled import crypto, rates
-from throttled.config import Config, ConfigError
+from throttled.config import Config
 from throttled.db import migrate
 from throttled.db.embedded import embedded_database
 from throttled.db.repository import DatabaseError, Repository
@@ -400,13 +400,3 @@ async def check_deadlines(runtime: Runtime) -> None:
 
 def _iso(ts: float) -> str:
     return "never" if ts == float("inf") else datetime.fromtimestamp(ts, UTC).isoformat()
-
-
-def load_checked(path: str | None) -> Config:
-    """Load the config, turning errors into StartupError."""
-    from throttled import config as config_module
-
-    try:
-        return config_module.load(path)
-    except ConfigError as exc:
-        raise StartupError(str(exc)) from None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -145,11 +145,6 @@ class Ingest:
         ids = [self._queue_ids[a.queue_key][0] for a in actions]
         await self._repo.insert_actions(actions, ids)
         return set(ids), changed
-
-    def forget_queues(self, keys: Iterable[str]) -> None:
-        """Drop cached queue ids (after an operator deletes or re-keys queues)."""
-        for key in keys:
-            self._queue_ids.pop(key, None)
 
 
 def _settle(batch: list[_Item], exc: BaseException | None) -> None:

@@ -20,10 +20,6 @@ class Counter:
         key = labels.get(self.label, "") if self.label else ""
         self.values[key] = self.values.get(key, 0) + amount
 
-    def value(self, key: str = "") -> float:
-        """The current count (for tests)."""
-        return self.values.get(key, 0)
-
     def render(self) -> list[str]:
         """Exposition lines."""
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
@@ -56,7 +52,6 @@ class Gauge:
 REGISTRY: list[Counter | Gauge] = []
 
 ACCEPTED = Counter("throttled_actions_accepted_total", "Actions stored and answered BLOCK.")
-DUPLICATES = Counter("throttled_actions_duplicate_total", "Redelivered callbackIds answered again.")
 REJECTED = Counter(
     "throttled_actions_rejected_total", "Action requests refused, by reason.", "reason"
 )

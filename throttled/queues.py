@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from throttled import rates
@@ -25,7 +25,6 @@ class QueueState:
     next_at: float = float("inf")  # earliest claim time in the scheduler's heap
     claiming: bool = False  # a claim statement for this queue is in flight
     sent: int = 0
-    problems: list[str] = field(default_factory=list)
 
 
 def effective_policy(stored: dict[str, Any], override: dict[str, Any] | None) -> rates.RatePolicy:

@@ -180,25 +180,9 @@ WHERE portal_id = $1
 
 PING = "SELECT 1"
 
-QUEUE_STATS = """
-SELECT q.id, q.key, q.portal_id, q.policy, q.override,
-       count(*) FILTER (WHERE a.state = 'pending') AS pending,
-       count(*) FILTER (WHERE a.state = 'claimed') AS claimed,
-       count(*) FILTER (WHERE a.state = 'done') AS done,
-       count(*) FILTER (WHERE a.state = 'failed') AS failed,
-       count(*) FILTER (WHERE a.state = 'expired') AS expired,
-       min(a.deadline) FILTER (WHERE a.state = 'pending') AS next_deadline
-FROM queues q LEFT JOIN actions a ON a.queue_id = q.id
-GROUP BY q.id ORDER BY q.id
-"""
-
 PENDING_BY_QUEUE = """
 SELECT queue_id, count(*)::int AS pending, max(deadline) AS latest_deadline
 FROM actions WHERE state = 'pending' GROUP BY queue_id
-"""
-
-GET_ACTION_CONFIG = """
-SELECT policy FROM action_configs WHERE portal_id = $1 AND action_id = $2
 """
 
 ALL_ACTION_CONFIGS = "SELECT portal_id, action_id, policy FROM action_configs"

@@ -330,7 +330,3 @@ class Repository:
         """(queue_id, pending rows, latest deadline) for every queue with a backlog."""
         rows = await self._fetch(q.PENDING_BY_QUEUE)
         return [(r["queue_id"], r["pending"], r["latest_deadline"]) for r in rows]
-
-    async def queue_stats(self) -> list[dict[str, Any]]:
-        """Per-queue counts by state."""
-        return [dict(r) for r in await self._fetch(q.QUEUE_STATS)]
