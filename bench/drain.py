@@ -4,23 +4,28 @@
    (ids 1..P) and enough pending actions per queue for the whole run, inserted directly
    with INSERT … SELECT generate_series, rows of all queues interleaved as arrivals would be.
 2. bench/fake_server.py runs throttled's FakeHubSpot in its own process (HubSpot's per-portal
-   limit of 110 requests per 10 s enforced); `throttled portals connect` stores a refresh
-   token for each portal.
+   limit of 110 requests per 10 s enforced); bench/wiretap.py captures the requests sent to
+   it on lo with kernel timestamps (needs root or CAP_NET_RAW; without it the window check
+   falls back to the fake's stamps, and says so); `throttled portals connect` stores a
+   refresh token for each portal.
 3. `throttled serve` (hubspot.api_base_url = the fake) drains for --duration seconds. Every
    --probe-interval a signed action goes to a fresh, idle queue over HTTP; its first-send
    latency is the time from the daemon's 200 answer to the fake's arrival of its callback.
-4. SIGTERM to the daemon, then to the fake, which dumps its receive log.
+4. SIGTERM to the daemon, then to the wiretap and the fake, which dump their logs.
 
-Printed: callbacks/s over the steady part (after --warmup, before the stop), window
-violations (queues whose arrivals at the fake put more than 1 in some half-open 1 s window,
-retries and rejected requests included; the fake stamps an arrival when the request's
-first bytes are read, see fake_server.py), the same check on the daemon's own send instants
-(the rows' sent_at) with the delivery delay between the two, each queue's achieved share of
-its limit, the daemon's CPU seconds per 1,000 callbacks (/proc/<pid>/stat), the idle-queue
-first-send latency broken down with the probe rows' own timestamps, claim statements per
-second (distinct claimed_at: each claim statement stamps its rows with its own now()), the
-per-portal request peak, the daemon's /healthz latency (event-loop stalls) and whether the
-graceful stop left rows 'claimed'.
+Printed: callbacks/s over the steady part (after --warmup, before the stop); window
+violations (backlog queues with more than 1 send in some half-open 1 s window, retries and
+rejected requests included) at the wire, from the kernel timestamp of each request's first
+segment (the figure in the summary), then the same check at the fake's handler (stamped when
+its event loop reads the request's first bytes, so off by its loop lag: a few ms on a busy
+machine, enough to see sends 1.002 s apart as 0.999 s) and on the daemon's own send instants
+(the rows' sent_at); callbacks on the wire against the fake's log, the delay from sent_at to
+the wire and to the fake, and each request's fake stamp against its wire stamp; each queue's
+achieved share of its limit, the daemon's CPU seconds per 1,000 callbacks
+(/proc/<pid>/stat), the idle-queue first-send latency broken down with the probe rows' own
+timestamps, claim statements per second (distinct claimed_at: each claim statement stamps
+its rows with its own now()), the per-portal request peak, the daemon's /healthz latency
+(event-loop stalls) and whether the graceful stop left rows 'claimed'.
 
 The last line printed is a one-line summary.
 """
@@ -44,15 +49,18 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp
 import harness
 from harness import fmt_ms, percentile, phase
+from wiretap import EXIT_NO_CAPTURE
 
 from throttled.hubspot.fake import max_in_window
 from throttled.hubspot.signature import sign_headers
@@ -253,6 +261,46 @@ async def during_run(
     return probes, health
 
 
+# -- the window check ----------------------------------------------------------------------------
+
+
+def backlog_sends(requests: Iterable[tuple[float, Sequence[str]]]) -> dict[str, list[float]]:
+    """Each backlog queue's send instants (idle-queue probes left out), from (at, callbackIds)."""
+    sends: dict[str, list[float]] = defaultdict(list)
+    for at, cids in requests:
+        for cid in cids:
+            if "-idle" not in cid:
+                sends[cid.rsplit("-", 1)[0]].append(at)
+    return sends
+
+
+def print_violations(label: str, source: str, sends: dict[str, list[float]]) -> int:
+    """Print and return how many queues have more than 1 send in some half-open 1 s window."""
+    violations = [q for q, t in sends.items() if max_in_window(t, 1.0) > 1]
+    gaps = [y - x for t in sends.values() for x, y in itertools.pairwise(sorted(t))]
+    print(
+        f"  {label:<20}: {len(violations)} queue(s); smallest gap between a queue's sends "
+        f"{min(gaps, default=math.nan):.4f} s, p0.1 {percentile(gaps, 0.1):.4f} s ({source})"
+    )
+    for q in violations[:5]:
+        t = sorted(sends[q])
+        close = [f"{y - x:.4f}" for x, y in itertools.pairwise(t) if y - x < 1.0]
+        print(f"    {q}: gaps < 1 s: {', '.join(close[:5])}")
+    return len(violations)
+
+
+def by_send(requests: Iterable[tuple[float, Sequence[str]]]) -> dict[tuple[str, int], float]:
+    """Request instants keyed by (first callbackId, times that id led a request before): the
+    same request gets the same key in the wire's log and the fake's."""
+    seen: Counter[str] = Counter()
+    out: dict[tuple[str, int], float] = {}
+    for at, cids in requests:
+        if cids:
+            out[cids[0], seen[cids[0]]] = at
+            seen[cids[0]] += 1
+    return out
+
+
 # -- the benchmark -------------------------------------------------------------------------------
 
 
@@ -271,6 +319,9 @@ class DrainBench:
         self.daemon_log = self.tmp / "daemon.log"
         self.profile = self.tmp / "daemon.prof" if args.profile else None
         self.fake_out = self.tmp / "fake-log.json"
+        self.wire_out = self.tmp / "wire.json"
+        self.wiretap: subprocess.Popen[bytes] | None = None
+        self.wire_note = ""  # why the wiretap is unavailable, if it is
         self.meter: harness.CpuMeter | None = None
         self.sampler: Sampler | None = None
 
@@ -284,6 +335,7 @@ class DrainBench:
             f"fake HubSpot per-portal limit {a.fake_budget}; cpus: {os.cpu_count()}"
         )
         fake_url = self._start_fake()
+        self._start_wiretap(urlsplit(fake_url).port or 0)
         with phase("scratch database + migrate"):
             self.db.create()
             self._write_config(fake_url)
@@ -316,6 +368,49 @@ class DrainBench:
         url = ready.read_text().strip()
         print(f"fake HubSpot at {url} (pid {self.fake.pid})")
         return url
+
+    def _start_wiretap(self, port: int) -> None:
+        """Capture the requests to the fake on lo (wiretap.py); on failure, say so and go on."""
+        ready = self.tmp / "wiretap.ready"
+        log = self.tmp / "wiretap.log"
+        argv = [
+            harness.PYTHON, str(harness.BENCH / "wiretap.py"), "--port", str(port),
+            "--out", str(self.wire_out), "--ready-file", str(ready),
+        ]  # fmt: skip
+        proc = self.children.start("wiretap", argv, env=harness.child_env(), stderr=log)
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            code = proc.poll()
+            if code is not None or time.monotonic() > deadline:
+                self.children.stop(proc)
+                kind = {EXIT_NO_CAPTURE: "no capture permission", None: "not ready in 30 s"}
+                self.wire_note = f"wiretap unavailable, {kind.get(code, f'exit code {code}')}"
+                print(
+                    f"!! {self.wire_note} ({log.read_text().strip()[-300:] or 'no message'}); "
+                    "the window check falls back to the fake's stamps"
+                )
+                return
+            time.sleep(0.05)
+        self.wiretap = proc
+        print(f"wiretap on lo, tcp dst port {port} (pid {proc.pid})")
+
+    def _stop_wiretap(self) -> dict[str, Any] | None:
+        """SIGTERM the wiretap and load its dump (None, with wire_note set, if there is none)."""
+        assert self.wiretap is not None
+        code = self.children.stop(self.wiretap, timeout=60)
+        if code != 0 or not self.wire_out.exists():
+            self.wire_note = f"wiretap failed, exit code {code}"
+            tail = (self.tmp / "wiretap.log").read_text().strip()[-300:] or "no message"
+            print(f"!! {self.wire_note} ({tail}); the window check falls back to the fake's stamps")
+            return None
+        wire: dict[str, Any] = json.loads(self.wire_out.read_text())
+        print(
+            f"   {len(wire['requests']):,} callback requests and {wire['other_requests']} others "
+            f"captured; {wire['packets']:,} packets, {wire['drops']} dropped by the kernel, "
+            f"{wire['stream_gaps']} stream gaps, {wire['unparsed']} unparsed, "
+            f"{wire['truncated']} truncated"
+        )
+        return wire
 
     def _write_config(self, fake_url: str) -> None:
         harness.write_config(
@@ -369,6 +464,8 @@ class DrainBench:
         ready_at = time.time()
         self.meter = harness.CpuMeter(a.pg_url, self.db.name)
         pids = {"daemon": proc.pid, "fake": self.fake.pid, "bench": os.getpid()}
+        if self.wiretap is not None:
+            pids["wiretap"] = self.wiretap.pid
         self.sampler = Sampler(self.meter, a.pg_url, self.db.name, pids)
         self.sampler.start()
         with phase(f"draining for {a.duration:g} s (daemon pid {proc.pid})"):
@@ -383,6 +480,10 @@ class DrainBench:
             stop_s = time.time() - stopped_at
             print(f"   exit code {exit_code} after {stop_s:.1f} s")
         self.sampler.stop()
+        wire = None
+        if self.wiretap is not None:
+            with phase("stopping the wiretap (dumps its capture)"):
+                wire = self._stop_wiretap()
         with phase("stopping the fake HubSpot (dumps its receive log)"):
             self.children.stop(self.fake, timeout=60)
             fake = json.loads(self.fake_out.read_text())
@@ -395,6 +496,7 @@ class DrainBench:
             "probes": probes,
             "health": health,
             "fake": fake,
+            "wire": wire,
             "metrics": metrics,
         }
 
@@ -402,8 +504,6 @@ class DrainBench:
         a = self.args
         requests = run["fake"]["requests"]
         status = Counter(str(r[2]) for r in requests)
-        # Every send counts for the window check, retries and rejected requests included.
-        sends: dict[str, list[float]] = defaultdict(list)
         done_at: list[tuple[float, int]] = []
         completed: Counter[str] = Counter()
         per_portal: dict[int, list[float]] = defaultdict(list)
@@ -412,7 +512,6 @@ class DrainBench:
             per_portal[portal or 0].append(at)
             backlog = 0
             for cid in cids:
-                sends[cid.rsplit("-", 1)[0]].append(at)
                 if code == 204:
                     completed[cid] += 1
                     if "-idle" in cid:
@@ -421,9 +520,8 @@ class DrainBench:
                         backlog += 1
             if backlog:
                 done_at.append((at, backlog))
-        backlog_queues = {q: t for q, t in sends.items() if "-idle" not in q}
-        violations = [q for q, t in backlog_queues.items() if max_in_window(t, 1.0) > 1]
-        gaps = [y - x for t in backlog_queues.values() for x, y in itertools.pairwise(sorted(t))]
+        # Every send counts for the window check, retries and rejected requests included.
+        backlog_queues = backlog_sends((r[0], r[3]) for r in requests)
         duplicates = sum(1 for n in completed.values() if n > 1)
 
         print("\n== drain results ==")
@@ -465,15 +563,27 @@ class DrainBench:
             f"min {min(counted, default=0)} max {max(counted, default=0)}"
         )
         print(
-            f"window violations     : {len(violations)} queue(s) with > 1 send in a 1 s window"
-            f" (must be 0); smallest gap between a queue's sends "
-            f"{min(gaps, default=math.nan):.4f} s, p0.1 {percentile(gaps, 0.1):.4f} s"
+            "window violations     : queues with > 1 send in some 1 s window (must be 0; every "
+            "request sent counts, retries and rejected ones included)"
         )
-        for q in violations[:5]:
-            t = sorted(backlog_queues[q])
-            close = [f"{y - x:.4f}" for x, y in itertools.pairwise(t) if y - x < 1.0]
-            print(f"    {q}: gaps < 1 s: {', '.join(close[:5])}")
-        self._send_side(requests, violations, run["stopped_at"])
+        wire = run["wire"]
+        if wire is not None:
+            violations = print_violations(
+                "at the wire",
+                "kernel timestamps of the request's first segment",
+                backlog_sends(wire["requests"]),
+            )
+            source = f"at the wire, {wire['drops']} packets dropped by the capture"
+        else:
+            print(f"  at the wire         : n/a, {self.wire_note}")
+        fake_violations = print_violations(
+            "at the fake",
+            "at the fake's handler: stamped by its event loop; jitter = its loop lag",
+            backlog_queues,
+        )
+        if wire is None:
+            violations, source = fake_violations, f"at the fake: {self.wire_note}"
+        self._send_side(requests, wire, run["stopped_at"])
         codes = ", ".join(f"{k}: {v:,}" for k, v in sorted(status.items()))
         peak = {p: max_in_window(t, 10.0) for p, t in per_portal.items()}
         print(
@@ -514,7 +624,7 @@ class DrainBench:
             print(f"kept {self.tmp}")
         return (
             f"SUMMARY drain: {rate:,.0f} callbacks/s steady (target >= {target:,.0f}, "
-            f"{a.queues:,} queues x 1/s); window violations {len(violations)} (must be 0); "
+            f"{a.queues:,} queues x 1/s); window violations {violations} (must be 0; {source}); "
             f"daemon CPU {cpu:.3f} s per 1,000 callbacks; idle first-send p99 "
             f"{fmt_ms(probes['p99'])} (target < 100 ms, {probes['n']} probes, "
             f"{probes['missing']} missing); claim statements {claims['per_s']:.1f}/s; "
@@ -523,12 +633,13 @@ class DrainBench:
         )
 
     def _send_side(
-        self, requests: list[list[Any]], violations: list[str], stopped_at: float
+        self, requests: list[list[Any]], wire: dict[str, Any] | None, stopped_at: float
     ) -> None:
-        """The same check on the daemon's own send instants (sent_at), and the delivery delay.
+        """The same check on the daemon's own send instants (sent_at); the wire against the
+        fake's log and sent_at; the delivery delay to the fake.
 
-        A gap under 1 s at the fake but not at the daemon is delivery jitter (loopback, and the
-        fake's handler starting late while it parses a burst of requests), not an early send.
+        A gap under 1 s at the fake but not on the wire is the fake's own event-loop lag, not an
+        early send.
         """
         with self.db.connect() as conn:
             gaps = conn.execute(
@@ -563,6 +674,8 @@ class DrainBench:
             f" on average (p50 {p50:.4f}, p99 {p99:.4f}): each queue runs at "
             f"{100 / mean:.1f}% of its 1/s limit"
         )
+        if wire is not None:
+            self._wire_side(wire, requests, sent)
         print(
             f"  delivery delay      : fake arrival - daemon sent_at p50 "
             f"{fmt_ms(percentile(delays, 50))}, p99 {fmt_ms(percentile(delays, 99))}, max "
@@ -573,6 +686,35 @@ class DrainBench:
                 f"!! rows still 'claimed' after the graceful stop: {left[0]:,}, claimed "
                 f"{left[1] - stopped_at:+.3f} s to {left[2] - stopped_at:+.3f} s from SIGTERM"
             )
+
+    def _wire_side(
+        self, wire: dict[str, Any], requests: list[list[Any]], sent: dict[str, float]
+    ) -> None:
+        """Cross-checks: callbacks on the wire against the fake's log, and against sent_at."""
+        n_wire = sum(len(cids) for _, cids in wire["requests"])
+        n_fake = sum(len(r[3]) for r in requests)
+        print(
+            f"  wire vs fake        : {n_wire:,} callbacks in {len(wire['requests']):,} requests "
+            f"on the wire, {n_fake:,} in {len(requests):,} received by the fake (difference "
+            f"{n_wire - n_fake:+,}); other requests on the wire {wire['other_requests']}"
+        )
+        last = {c: at for at, cids in wire["requests"] for c in cids}  # sent_at is the last send
+        delay = [at - sent[c] for c, at in last.items() if c in sent]
+        print(
+            f"  wire - sent_at      : first segment on the wire - daemon sent_at p50 "
+            f"{fmt_ms(percentile(delay, 50))}, p99 {fmt_ms(percentile(delay, 99))}, max "
+            f"{fmt_ms(max(delay, default=math.nan))}, min {fmt_ms(min(delay, default=math.nan))}"
+            f" ({len(delay):,} callbacks; sent_at is the send instant + sender.send_margin_ms)"
+        )
+        at_wire = by_send(wire["requests"])
+        at_fake = by_send((r[0], r[3]) for r in requests)
+        lag = [at_fake[k] - at_wire[k] for k in at_fake.keys() & at_wire.keys()]
+        print(
+            f"  fake - wire         : the fake's arrival stamp - the wire's, per request, p50 "
+            f"{fmt_ms(percentile(lag, 50))}, p99 {fmt_ms(percentile(lag, 99))}, max "
+            f"{fmt_ms(max(lag, default=math.nan))}, min {fmt_ms(min(lag, default=math.nan))} "
+            f"({len(lag):,} requests matched)"
+        )
 
     def _cpu(self, start: float, end: float, done_at: list[tuple[float, int]]) -> float:
         """Daemon (and backend) CPU per 1,000 callbacks over the steady window."""
@@ -594,7 +736,9 @@ class DrainBench:
         )
         print(
             "  cores busy          : "
-            + harness.cpu_text(d, ["daemon", "postgres", "fake", "bench"])
+            + harness.cpu_text(
+                d, [n for n in ("daemon", "postgres", "fake", "wiretap", "bench") if n in d]
+            )
             + "; 'other' is PostgreSQL's background processes, the kernel and anything else "
             "running on this machine"
         )

@@ -1,34 +1,87 @@
-"""The per-portal request budget (pure, no I/O)."""
+"""The per-portal request budget: the pure sliding window, and how the senders use it."""
 
 from __future__ import annotations
 
+from tests.conftest import action_payload, wait_for
 from throttled.sender import Budget
 
+PORTAL = 62515
 
-def test_budget_is_immediate_below_half_then_paced_then_full():
+
+def test_budget_is_immediate_below_half_then_paced_wider_as_it_fills():
     budget = Budget(10, 10.0)
     now = 100.0
     for _ in range(5):  # under half the budget: no waiting
         assert budget.earliest(now) == now
         budget.spend(now)
-    # half used: requests are spaced interval / limit apart so each one gathers more
+    # half used: a partial request waits interval / limit x used / (limit - used)
     assert budget.earliest(now) == now + 1.0
-    for i in range(5):
-        t = now + 1.0 * (i + 1)
-        assert budget.earliest(t) == t
-        budget.spend(t)
-    # all 10 used within the window: the next waits for the oldest to leave it
+    budget.spend(now + 1.0)
+    assert budget.earliest(now + 1.0) == now + 1.0 + 6 / 4
+    for _ in range(4):
+        budget.spend(now + 2.0)
+    # all 10 used within the window: nothing goes until the oldest leaves it
+    assert budget.hard_earliest(now + 5.0) == now + 10.0
     assert budget.earliest(now + 5.0) == now + 10.0
 
 
 def test_budget_never_allows_more_than_limit_in_any_window():
-    budget = Budget(7, 2.0)
-    sent: list[float] = []
-    t = 0.0
-    while len(sent) < 200:
-        t = budget.earliest(t)
-        budget.spend(t)
-        sent.append(t)
-    for i, start in enumerate(sent):
-        inside = [s for s in sent[i:] if s < start + 2.0]
-        assert len(inside) <= 7
+    for pick in (Budget.earliest, Budget.hard_earliest):
+        budget = Budget(7, 2.0)
+        sent: list[float] = []
+        t = 0.0
+        while len(sent) < 200:
+            t = pick(budget, t)
+            budget.spend(t)
+            sent.append(t)
+        for i, start in enumerate(sent):
+            inside = [s for s in sent[i:] if s < start + 2.0]
+            assert len(inside) <= 7
+
+
+async def _post(daemon, n: int, fields: dict[str, str], workflow_id: int) -> list[str]:
+    ids = []
+    for _ in range(n):
+        payload = action_payload(
+            portal_id=PORTAL, workflow_id=workflow_id, input_fields=dict(fields)
+        )
+        status, _ = await daemon.post_action(payload)
+        assert status == 200
+        ids.append(payload["callbackId"])
+    return ids
+
+
+def _requests(fake, ids: list[str]) -> list[float]:
+    wanted = set(ids)
+    return sorted(r.at for r in fake.received if wanted.intersection(r.callback_ids))
+
+
+async def test_a_queue_waking_from_idle_skips_the_soft_pace(daemon_factory, fake_hubspot):
+    # 6 requests per minute: from the 3rd on, a partial request waits >= 10 s for the next.
+    budget = {"portal_requests": 6, "portal_interval_seconds": 60}
+    async with daemon_factory(sender=budget) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        backlog = await _post(daemon, 10, {"maxThroughput": "1", "timeUnit": "seconds"}, 1)
+        await wait_for(lambda: len(_requests(fake_hubspot, backlog)) >= 3, timeout=20)
+        [fresh] = await _post(daemon, 1, {"maxThroughput": "5", "timeUnit": "seconds"}, 2)
+        await wait_for(lambda: fresh in fake_hubspot.completed, timeout=20)
+        backlog_sends = _requests(fake_hubspot, backlog)
+    third = backlog_sends[2]
+    # The idle queue's action did not wait for the pace (the backlog's 4th request, >= 10 s
+    # after its 3rd, had not gone yet), and the budget itself held: <= 6 requests in all.
+    assert fake_hubspot.completed[fresh][0] - third < 5.0
+    assert len(fake_hubspot.received) <= 6
+
+
+async def test_full_requests_skip_the_soft_pace_but_not_the_budget(daemon_factory, fake_hubspot):
+    sender = {"portal_requests": 6, "portal_interval_seconds": 60, "batch_size": 2}
+    async with daemon_factory(sender=sender) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        ids = await _post(daemon, 16, {"maxThroughput": "2", "timeUnit": "seconds"}, 1)
+        await wait_for(lambda: len(_requests(fake_hubspot, ids)) >= 6, timeout=20)
+        sends = _requests(fake_hubspot, ids)
+    # Every request is full (2 callbacks), so none waits for the soft pace: the 4th goes about
+    # a second after the 3rd, not >= 10 s later. The hard budget stops them at 6.
+    assert all(len(r.callback_ids) == 2 for r in fake_hubspot.received)
+    assert sends[3] - sends[2] < 5.0
+    assert len(sends) == 6

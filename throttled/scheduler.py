@@ -285,7 +285,7 @@ class Scheduler(Hooks):
 
     async def _claim_task(self, due: list[tuple[QueueState, float, int]], lane: str) -> None:
         try:
-            await self._claim(due)
+            await self._claim(due, urgent=lane == "urgent")
         except DatabaseError as exc:
             self._claim_error = exc
             for queue, _, _ in due:  # try these again once the database answers
@@ -298,7 +298,7 @@ class Scheduler(Hooks):
             self._busy[lane] = False
             self._wake.set()
 
-    async def _claim(self, due: list[tuple[QueueState, float, int]]) -> None:
+    async def _claim(self, due: list[tuple[QueueState, float, int]], *, urgent: bool) -> None:
         for start in range(0, len(due), CLAIM_CHUNK):
             chunk = due[start : start + CLAIM_CHUNK]
             generations = {q.id: q.generation for q, _, _ in chunk}
@@ -311,7 +311,7 @@ class Scheduler(Hooks):
             for queue, slot, want in chunk:
                 got = sorted(by_queue.get(queue.id, ()), key=lambda r: (-r.priority, r.id))
                 if got:
-                    self._dispatcher.put(queue, got, slot)
+                    self._dispatcher.put(queue, got, slot, urgent=urgent)
                 if len(got) < want and queue.generation == generations[queue.id]:
                     short.append(queue)
                 elif not got:

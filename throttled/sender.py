@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -143,23 +144,36 @@ async def _wait(event: asyncio.Event, timeout: float | None, *others: asyncio.Ev
 
 
 class Budget:
-    """A sliding-window request budget (HubSpot's per-portal limit)."""
+    """A sliding-window request budget (HubSpot's per-portal limit), with a soft pace.
+
+    The hard limit is never exceeded. Below it, a request that is not full goes at once while
+    less than half the budget is spent; beyond that, partial requests are spaced further and
+    further apart as the window fills, so they wait to gather more callbacks and the rest of
+    the budget stays free for full requests and for queues waking from idle.
+    """
 
     def __init__(self, limit: int, interval_s: float) -> None:
         self.limit = limit
         self.interval_s = interval_s
         self._log: deque[float] = deque()
 
-    def earliest(self, now: float) -> float:
-        """When the next request may go: at once while under half the budget; beyond that,
-        paced evenly (interval / limit apart) so each request gathers more callbacks."""
+    def hard_earliest(self, now: float) -> float:
+        """When the budget allows the next request at all."""
         while self._log and self._log[0] <= now - self.interval_s:
             self._log.popleft()
         if len(self._log) >= self.limit:
             return self._log[-self.limit] + self.interval_s
-        if len(self._log) * 2 < self.limit:
-            return now
-        return max(now, self._log[-1] + self.interval_s / self.limit)
+        return now
+
+    def earliest(self, now: float) -> float:
+        """When the next partial request may go: at once below half the budget; beyond
+        that, spaced interval/limit x used/(limit - used) after the previous one."""
+        hard = self.hard_earliest(now)
+        used = len(self._log)
+        if hard > now or used * 2 < self.limit:
+            return hard
+        gap = self.interval_s / self.limit * used / (self.limit - used)
+        return max(now, self._log[-1] + gap)
 
     def spend(self, at: float) -> None:
         """Count one request at `at`."""
@@ -173,6 +187,8 @@ class PortalSender:
         self.portal_id = portal_id
         self._d = dispatcher
         self._heap: list[tuple[float, int, _Batch]] = []
+        # Rows of queues that just woke from idle: they skip the soft pace (not the budget).
+        self._urgent: list[tuple[float, _Batch]] = []
         self._budget = Budget(
             dispatcher.config.portal_requests, dispatcher.config.portal_interval_seconds
         )
@@ -184,12 +200,22 @@ class PortalSender:
     @property
     def held(self) -> int:
         """Rows waiting here."""
-        return sum(len(b.rows) for _, _, b in self._heap)
+        return sum(len(b.rows) for _, _, b in self._heap) + sum(
+            len(b.rows) for _, b in self._urgent
+        )
 
-    def put(self, queue: QueueState, rows: Sequence[ClaimedAction], at: float) -> None:
-        """Hand over claimed rows of one queue, to go out no earlier than `at`."""
+    def put(
+        self, queue: QueueState, rows: Sequence[ClaimedAction], at: float, *, urgent: bool = False
+    ) -> None:
+        """Hand over claimed rows of one queue, to go out no earlier than `at`. Urgent rows
+        (a queue waking from idle) go in the next request, without waiting for it to fill."""
         queue.in_sender += len(rows)
-        self._push(_Batch(queue, deque(rows)), at)
+        batch = _Batch(queue, deque(rows))
+        if urgent:
+            self._urgent.append((at, batch))
+            self._wake.set()
+        else:
+            self._push(batch, at)
 
     def _push(self, batch: _Batch, at: float) -> None:
         heapq.heappush(self._heap, (at, next(self._d.seq), batch))
@@ -203,16 +229,11 @@ class PortalSender:
         """Send until stopped; then wait for in-flight requests."""
         try:
             while not stop.is_set():
-                now = self._d.clock()
-                due = self._heap[0][0] if self._heap else None
-                if due is None:
+                start = self._next_start(self._d.clock())
+                if start is None or start > self._d.clock():
                     self._wake.clear()
-                    await _wait(self._wake, None, stop)
-                    continue
-                start = max(due, self._paused_until, self._budget.earliest(now))
-                if start > now:
-                    self._wake.clear()
-                    await _wait(self._wake, start - now, stop)
+                    timeout = None if start is None else start - self._d.clock()
+                    await _wait(self._wake, timeout, stop)
                     continue
                 await self._in_flight.acquire()
                 # The token first: the send instant is charged only once nothing can delay it.
@@ -223,12 +244,52 @@ class PortalSender:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def _next_start(self, now: float) -> float | None:
+        """When the next request may go (None: nothing held). Urgent rows and full requests
+        need only the hard budget; a partial request also waits for the soft pace."""
+        due = min(
+            (self._heap[0][0] if self._heap else math.inf),
+            min((at for at, _ in self._urgent), default=math.inf),
+        )
+        if due == math.inf:
+            return None
+        start = max(due, self._paused_until, self._budget.hard_earliest(now))
+        if start > now:
+            return start
+        soft = self._budget.earliest(now)
+        if soft <= now or any(at <= now for at, _ in self._urgent):
+            return now
+        ready, next_due = self._ready(now, self._d.config.batch_size)
+        if ready >= self._d.config.batch_size:
+            return now
+        return min(soft, next_due)
+
+    def _ready(self, now: float, need: int) -> tuple[int, float]:
+        """Rows that could go at `now` (counting up to `need`), and when the next batch that
+        is not yet due falls due."""
+        n = 0
+        next_due = math.inf
+        for at, _, batch in self._heap:
+            if at > now:
+                next_due = min(next_due, at)
+                continue
+            allowed = batch.queue.limiter.allowance(now)
+            if not allowed:  # held back by its own limiter: due again when that opens
+                next_due = min(next_due, batch.queue.limiter.earliest(now))
+                continue
+            n += min(len(batch.rows), allowed)
+            if n >= need:
+                return n, now
+        return n, next_due
+
     def drain_rows(self) -> list[ClaimedAction]:
         """Remove and return every row still held (on shutdown, to release them)."""
-        rows = [r for _, _, b in self._heap for r in b.rows]
-        for _, _, b in self._heap:
+        batches = [b for _, _, b in self._heap] + [b for _, b in self._urgent]
+        rows = [r for b in batches for r in b.rows]
+        for b in batches:
             b.queue.in_sender -= len(b.rows)
         self._heap.clear()
+        self._urgent.clear()
         return rows
 
     async def _token(self) -> str | _NoToken:
@@ -268,6 +329,11 @@ class PortalSender:
         group: int | None = None
         skipped: list[tuple[float, _Batch]] = []
         margin = self._d.margin_s
+        if self._urgent:  # rows of queues waking from idle go first, then the rest by due time
+            urgent = [(due, b) for due, b in self._urgent if due <= at]
+            self._urgent = [(due, b) for due, b in self._urgent if due > at]
+            for _, batch in reversed(urgent):
+                heapq.heappush(self._heap, (-math.inf, next(self._d.seq), batch))
         while self._heap and self._heap[0][0] <= at and room > 0:
             due, _, batch = heapq.heappop(self._heap)
             queue = batch.queue
@@ -326,24 +392,36 @@ class PortalSender:
         def on_sent() -> None:
             sent[0] = self._redate(rows, at)
 
-        result = await d.client.complete_batch(token, body, on_sent)
+        def on_written() -> None:
+            # Normally well within the margin; after a pause (a garbage collection between
+            # the first instant and the write) the charge moves to an instant past the write.
+            sent[0] = self._redate(rows, sent[0] - d.margin_s, margin=0.0)
+
+        result = await d.client.complete_batch(token, body, on_sent, on_written)
         metrics.REQUESTS.inc(status=str(result.status))
         return self._judge(rows, sent[0], result)
 
-    def _redate(self, rows: list[tuple[QueueState, ClaimedAction]], built: float) -> float:
-        """Charge the limiters at the instant the request hits the socket, if that is later;
-        return the charged instant (send + margin), which is also what the rate log keeps."""
+    def _redate(
+        self,
+        rows: list[tuple[QueueState, ClaimedAction]],
+        charged: float,
+        *,
+        margin: float | None = None,
+    ) -> float:
+        """Move the limiters' charge from `charged` (+ the send margin) to now + `margin`,
+        if that is later; return the charged instant, which is also what the rate log keeps."""
         now = self._d.clock()
-        margin = self._d.margin_s
-        if now > built:
+        old = charged + self._d.margin_s
+        new = now + (self._d.margin_s if margin is None else margin)
+        if new > old:
             counts: dict[int, int] = {}
             queues: dict[int, QueueState] = {}
             for queue, _ in rows:
                 counts[queue.id] = counts.get(queue.id, 0) + 1
                 queues[queue.id] = queue
             for queue_id, n in counts.items():
-                queues[queue_id].limiter.move(built + margin, now + margin, n)
-        return max(now, built) + margin
+                queues[queue_id].limiter.move(old, new, n)
+        return max(old, new)
 
     def _judge(
         self, rows: list[tuple[QueueState, ClaimedAction]], at: float, result: CompletionResult
@@ -538,9 +616,11 @@ class Dispatcher:
         cap = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (failures - 1))
         return random.uniform(cap / 2, cap)
 
-    def put(self, queue: QueueState, rows: Sequence[ClaimedAction], at: float) -> None:
+    def put(
+        self, queue: QueueState, rows: Sequence[ClaimedAction], at: float, *, urgent: bool = False
+    ) -> None:
         """Hand claimed rows to their portal's sender."""
-        self._sender(queue.portal_id).put(queue, rows, at)
+        self._sender(queue.portal_id).put(queue, rows, at, urgent=urgent)
 
     def expire(self, rows: list[ClaimedAction]) -> None:
         """Rows whose block expired while claimed: never sent."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -78,17 +79,24 @@ class HubSpotClient:
         return json.dumps({"inputs": inputs}, separators=(",", ":")).encode()
 
     async def complete_batch(
-        self, access_token: str, body: bytes, on_sent: Callable[[], None] | None = None
+        self,
+        access_token: str,
+        body: bytes,
+        on_sent: Callable[[], None] | None = None,
+        on_written: Callable[[], None] | None = None,
     ) -> CompletionResult:
         """POST one batch completion; network failures come back as status 0.
 
-        `on_sent` runs right before the body is written to the socket (see `trace_config`).
+        `on_sent` runs right before the request is written to the socket, and `on_written`
+        at the event loop's next step, once the write has certainly returned (see
+        `trace_config`): nothing can delay the write past that second instant, not even a
+        garbage collection between the first and the write.
         """
         headers = {
             "Authorization": f"Bearer {access_token}",
             "Content-Type": "application/json",
         }
-        ctx = SimpleNamespace(on_sent=on_sent)
+        ctx = SimpleNamespace(on_sent=on_sent, on_written=on_written)
         try:
             async with self._session.post(
                 self._complete_url,
@@ -185,12 +193,16 @@ async def _on_chunk_sent(
     ctx: SimpleNamespace,
     params: aiohttp.TraceRequestChunkSentParams,
 ) -> None:
-    """Tell the caller the request is going out now (once; the awaiting writer sends next)."""
+    """Tell the caller the request is going out now (once; the awaiting writer sends next,
+    in the same step), then, from the loop's next step, that it has gone."""
     request_ctx: Any = getattr(ctx, "trace_request_ctx", None)
     callback = getattr(request_ctx, "on_sent", None)
     if callback is not None:
         request_ctx.on_sent = None
         callback()
+        written = getattr(request_ctx, "on_written", None)
+        if written is not None:
+            asyncio.get_running_loop().call_soon(written)
 
 
 def trace_config() -> aiohttp.TraceConfig:
