@@ -77,6 +77,11 @@ async def test_v3_signature_is_checked_when_present(daemon_factory, db_url):
         ),
         (lambda p: p["origin"].update(portalId=2**70), "origin.portalId"),
         (lambda p: p.update(callbackId="a\x00b"), "callbackId"),
+        (lambda p: p["object"].update(objectType="CON\x00TACT"), "object.objectType"),
+        (lambda p: p["object"].update(objectId="12\x0034"), "object.objectId"),
+        (lambda p: p.update(inputFields={"note": "a\x00b"}), "inputFields"),
+        (lambda p: p.update(inputFields={"no\x00te": "ab"}), "inputFields"),
+        (lambda p: p.update(inputFields={"queueName": "shared\x00"}), "inputFields"),
     ],
 )
 async def test_invalid_payload_is_400_naming_the_field(daemon_factory, db_url, mutate, field):
@@ -96,6 +101,27 @@ async def test_malformed_json_is_400(daemon_factory, db_url):
         status, answer, _ = await _post_raw(daemon, body, _signed(daemon, body))
         assert status == 400
         assert answer["field"] == "body"
+        assert _count(db_url) == 0
+
+
+async def test_json_that_python_accepts_but_is_not_storable_is_400(daemon_factory, db_url):
+    valid = json.dumps(action_payload())
+    bodies = [
+        # NaN and Infinity: Python's json reads them, PostgreSQL's jsonb does not
+        valid.replace('"inputFields": {', '"inputFields": {"maxThroughput": NaN, ', 1),
+        valid.replace('"inputFields": {', '"inputFields": {"timePeriod": -Infinity, ', 1),
+        # an integer past Python's 4,300-digit limit
+        valid.replace('"inputFields": {', '"inputFields": {"n": ' + "9" * 5000 + ", ", 1),
+        # nesting deep enough to exhaust the recursion limit
+        '{"callbackId": ' + "[" * 20_000 + "]" * 20_000 + "}",
+    ]
+    async with daemon_factory() as daemon:
+        for text in bodies:
+            body = text.encode()
+            assert body != valid.encode()
+            status, answer, _ = await _post_raw(daemon, body, _signed(daemon, body))
+            assert status == 400, answer
+            assert answer["field"] == "body"
         assert _count(db_url) == 0
 
 

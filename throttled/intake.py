@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -29,7 +28,7 @@ class Intake:
         clock: Callable[[], float],
     ) -> None:
         self._defaults = defaults
-        self._expiry = timedelta(seconds=block_expiration_s)
+        self._expiry_s = block_expiration_s
         self.action_configs: dict[tuple[int, int], rates.PolicySpec] = dict(action_configs or {})
         self._clock = clock
         self._policy_cache: dict[tuple[Any, ...], dict[str, Any]] = {}  # keyed on rate fields
@@ -41,7 +40,7 @@ class Intake:
             queue_key=request.queue_key(),
             portal_id=request.portal_id,
             priority=self._priority(request),
-            deadline=datetime.fromtimestamp(self._clock(), UTC) + self._expiry,
+            deadline=self._clock() + self._expiry_s,
             policy=self._policy(request),
             workflow_id=request.workflow_id,
             object_type=request.object_type,

@@ -1,0 +1,174 @@
+"""From a parsed request to its stored row: NUL checks, the one-parameter INSERT, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tests.conftest import action_payload
+from throttled.db.repository import DatabaseError, NewAction, Repository
+from throttled.hubspot.action import PayloadError, parse
+from throttled.ingest import Ingest
+
+POLICY = {"limit": 1, "period_s": 86400.0}
+
+
+def _parse(payload: dict[str, Any]) -> Any:
+    return parse(json.dumps(payload).encode())
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"a": "x\x00y"}, "inputFields"),
+        ({"a\x00": "x"}, "inputFields"),
+        ({"ok": "x", "b": 1, "c": "\x00"}, "inputFields"),
+        # Every value's type is checked before any NUL, as before.
+        ({"a": "x\x00", "b": {"nested": 1}}, "inputFields.b"),
+    ],
+)
+def test_nul_in_input_fields_names_the_field(fields: dict[str, Any], field: str) -> None:
+    with pytest.raises(PayloadError) as caught:
+        _parse(action_payload(input_fields=fields))
+    assert caught.value.field == field
+
+
+def test_escaped_backslash_u0000_text_is_not_a_nul() -> None:
+    # The six characters \u0000 (an escaped backslash in the JSON) are ordinary text.
+    body = b'"inputFields": {"a": "\\\\u0000", "b": "\\u005cu0000"}'
+    payload = json.dumps(action_payload()).encode().replace(b'"inputFields": {}', body)
+    assert parse(payload).input_fields == {"a": "\\u0000", "b": "\\u0000"}
+
+
+def _action(callback_id: str, **kw: Any) -> NewAction:
+    values: dict[str, Any] = {
+        "queue_key": "queue:1:named:storage",
+        "portal_id": 1,
+        "priority": 0,
+        "deadline": 1_900_000_000.5,
+        "policy": POLICY,
+        "workflow_id": 10,
+        "object_type": "CONTACT",
+        "object_id": "42",
+        "input_fields": {},
+        **kw,
+    }
+    return NewAction(callback_id=callback_id, **values)
+
+
+async def _queue_id(repo: Repository) -> int:
+    [row] = await repo.upsert_queues(["queue:1:named:storage"], [1], [POLICY])
+    return row.id
+
+
+async def _rows(repo: Repository) -> list[dict[str, Any]]:
+    records = await repo.pool.fetch(
+        "SELECT callback_id, queue_id, portal_id, priority, deadline, workflow_id, object_type,"
+        " object_id, input_fields, state FROM actions ORDER BY id"
+    )
+    return [dict(r) for r in records]
+
+
+SPECIAL = "é ß 中文 😀 \"quoted\" 'single' back\\slash \\u0000 \t\n\r \x01\x1f \u2028 %s $1 ;--"
+
+
+async def test_insert_round_trips_nulls_unicode_and_special_characters(db_url: str) -> None:
+    fields = {
+        "text": SPECIAL,
+        SPECIAL: "a key too",
+        "big": 12345678901234567890,
+        "negative": -(2**63),
+        "float": 0.1,
+        "tiny": 1e-300,
+        "true": True,
+        "none": None,
+        "empty": "",
+    }
+    actions = [
+        _action(
+            "cb-1 " + SPECIAL,
+            priority=1_000_000,
+            deadline=1_900_000_000.123456,
+            object_type="Ünïcode 😀",
+            object_id=SPECIAL,
+            input_fields=fields,
+        ),
+        _action(
+            "cb-2",
+            priority=-1_000_000,
+            workflow_id=None,
+            object_type=None,
+            object_id=None,
+            input_fields={},
+        ),
+        _action("cb-3", deadline=1_900_000_000.5),
+    ]
+    async with Repository.open(db_url, min_size=1, max_size=2) as repo:
+        queue_id = await _queue_id(repo)
+        await repo.insert_actions(actions, [queue_id] * 3)
+        # A duplicate callback_id, alone or in a batch, is ignored and changes nothing.
+        await repo.insert_actions(
+            [_action("cb-2", priority=5, object_type="other"), _action("cb-4")], [queue_id] * 2
+        )
+        rows = await _rows(repo)
+
+    assert [r["callback_id"] for r in rows] == ["cb-1 " + SPECIAL, "cb-2", "cb-3", "cb-4"]
+    for row, action in zip(rows, [*actions, _action("cb-4")], strict=True):
+        assert row["queue_id"] == queue_id
+        assert row["portal_id"] == action.portal_id
+        assert row["priority"] == action.priority
+        assert row["workflow_id"] == action.workflow_id
+        assert row["object_type"] == action.object_type
+        assert row["object_id"] == action.object_id
+        assert row["input_fields"] == action.input_fields
+        assert row["state"] == "pending"
+        # Microsecond precision (PostgreSQL rounds the float to the microsecond).
+        expected = datetime.fromtimestamp(action.deadline, UTC)
+        assert abs(row["deadline"] - expected) <= timedelta(microseconds=1)
+    assert rows[1]["workflow_id"] is None
+    assert rows[1]["object_type"] is None
+    assert rows[1]["object_id"] is None
+    assert rows[0]["input_fields"]["big"] == 12345678901234567890
+    assert type(rows[0]["input_fields"]["float"]) is float
+    assert rows[2]["deadline"] == datetime(2030, 3, 17, 17, 46, 40, 500000, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"input_fields": {"x": float("nan")}},  # JSON has no NaN: jsonb rejects it
+        {"callback_id": "lone \ud800 surrogate"},  # not valid Unicode
+        {"object_id": "lone \udfff surrogate"},
+    ],
+)
+async def test_a_row_postgresql_rejects_fails_alone(
+    db_url: str, bad: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with Repository.open(db_url, min_size=1, max_size=3) as repo:
+        await _queue_id(repo)
+        sizes: list[int] = []
+        insert = repo.insert_actions
+
+        async def counted(actions: list[NewAction], ids: list[int]) -> None:
+            sizes.append(len(actions))
+            await insert(actions, ids)
+
+        monkeypatch.setattr(repo, "insert_actions", counted)
+        ingest = Ingest(repo, batch_max=100, max_pending=100, flushers=1)
+        stop = asyncio.Event()
+        runner = asyncio.create_task(ingest.run(stop))
+        fields = {"callback_id": "bad", **bad}
+        actions = [_action("good-1"), _action(**fields), _action("good-2")]
+        results = await asyncio.gather(*(ingest.submit(a) for a in actions), return_exceptions=True)
+        stop.set()
+        await runner
+        rows = await _rows(repo)
+    assert results[0] is None
+    assert results[2] is None
+    assert isinstance(results[1], DatabaseError), results[1]
+    assert sizes == [3, 1, 1, 1]  # the batch failed as a whole, then row by row
+    assert [r["callback_id"] for r in rows] == ["good-1", "good-2"]
