@@ -182,7 +182,13 @@ async def test_unknown_route_and_method_are_json_4xx(daemon_factory):
     async with daemon_factory() as daemon:
         async with daemon.session.get(daemon.url + "/api/hubspot/action") as resp:
             assert resp.status == 405
+            assert resp.headers["Allow"] == "POST"
             assert (await resp.json())["error"] == "method_not_allowed"
+        async with daemon.session.post(daemon.url + "/healthz") as resp:
+            assert resp.status == 405
+            assert resp.headers["Allow"] == "GET, HEAD"
+        async with daemon.session.head(daemon.url + "/healthz") as resp:
+            assert resp.status == 200
         async with daemon.session.get(daemon.url + "/nope") as resp:
             assert resp.status == 404
             assert (await resp.json())["error"] == "not_found"
@@ -224,3 +230,22 @@ async def test_queue_key_and_rate_from_input_fields(daemon_factory, db_url):
     # invalid maxThroughput falls through to [defaults] (10 per second)
     assert rows["queue:7:named:shared"]["limit"] == 10
     assert rows["queue:7:named:shared"]["period_s"] == 1
+
+
+async def test_only_the_input_fields_throttled_reads_are_stored(daemon_factory, db_url):
+    fields = {
+        "maxThroughput": "5",
+        "timeUnit": "seconds",
+        "priority": "3",
+        "queueName": "shared",
+        "email": "someone@example.com",  # mapped in by the workflow: not ours to keep
+        "note": "x" * 500,
+    }
+    async with daemon_factory() as daemon:
+        status, _ = await daemon.post_action(action_payload(input_fields=fields))
+        assert status == 200
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT input_fields, priority FROM actions").fetchone()
+    assert row is not None
+    assert row[0] == {k: fields[k] for k in ("maxThroughput", "timeUnit", "priority", "queueName")}
+    assert row[1] == 3

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import structlog
 
@@ -27,12 +26,12 @@ class Stopping(Exception):
     """The daemon is shutting down; answer 503 and let HubSpot retry."""
 
 
-@dataclass(slots=True)
 class _Item:
-    action: NewAction
-    done: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    __slots__ = ("action", "done")
+
+    def __init__(self, action: NewAction, done: asyncio.Future[None]) -> None:
+        self.action = action
+        self.done = done
 
 
 class Ingest:
@@ -72,7 +71,7 @@ class Ingest:
             raise Stopping()
         if len(self._items) >= self._max_pending:
             raise Overloaded()
-        item = _Item(action)
+        item = _Item(action, asyncio.get_running_loop().create_future())
         self._items.append(item)
         self._wake.set()
         # Cancelled (client gone)? The row is still committed; HubSpot's retry gets a duplicate.

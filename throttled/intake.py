@@ -14,6 +14,10 @@ from throttled.hubspot.action import ActionRequest
 log = structlog.get_logger(__name__)
 
 PRIORITY_RANGE = (-1_000_000, 1_000_000)
+# The input fields kept with each stored action: the ones throttled reads (rate, schedule,
+# priority, shared queue), which explain the policy it got. A workflow may map anything else
+# into its inputs, contact data included; that is HubSpot's to keep, not ours.
+STORED_INPUT_KEYS: tuple[str, ...] = (*rates.INPUT_KEYS, "priority", "queueName")
 
 
 class Intake:
@@ -45,7 +49,7 @@ class Intake:
             workflow_id=request.workflow_id,
             object_type=request.object_type,
             object_id=request.object_id,
-            input_fields=request.input_fields,
+            input_fields=_stored_fields(request.input_fields),
         )
 
     def _policy(self, request: ActionRequest) -> dict[str, Any]:
@@ -78,3 +82,9 @@ class Intake:
             log.warning("input_field_invalid", problem=f"inputFields.priority: {raw!r}")
             return 0
         return max(PRIORITY_RANGE[0], min(PRIORITY_RANGE[1], value))
+
+
+def _stored_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    if not fields:
+        return {}
+    return {k: v for k in STORED_INPUT_KEYS if (v := fields.get(k)) is not None}

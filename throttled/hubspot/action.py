@@ -58,10 +58,15 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+# One decoder for every request: json.loads with any option builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+
 def parse(body: bytes) -> ActionRequest:
     """Parse and validate a raw request body; raise PayloadError naming the bad field."""
     try:
-        doc = json.loads(body, parse_constant=_no_constant)
+        # as json.loads does for bytes: UTF-8, -16 or -32, told apart by the first bytes
+        doc = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PayloadError("body", f"not valid JSON ({exc})") from None
     except ValueError as exc:  # an integer past Python's digit limit, or NaN/Infinity

@@ -150,26 +150,33 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8")
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """aiohttp's own 4xx (unknown route, wrong method) answered as JSON."""
-    try:
-        response: web.StreamResponse = await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
-    return response
-
-
 def make_app(services: Services) -> web.Application:
-    """The aiohttp application."""
-    app = web.Application(
-        client_max_size=services.config.ingest.max_body_bytes, middlewares=[json_errors]
-    )
+    """The aiohttp application. Unknown paths and methods are answered as JSON by a catch-all
+    route rather than a middleware, which would wrap every request, the hot one included."""
+    app = web.Application(client_max_size=services.config.ingest.max_body_bytes)
     app[SERVICES] = services
-    app.router.add_post("/api/hubspot/action", handle_action)
-    app.router.add_get("/healthz", handle_healthz)
-    app.router.add_get("/readyz", handle_readyz)
-    app.router.add_get("/metrics", handle_metrics)
+    routes = {
+        "/api/hubspot/action": ("POST", handle_action),
+        "/healthz": ("GET", handle_healthz),
+        "/readyz": ("GET", handle_readyz),
+        "/metrics": ("GET", handle_metrics),
+    }
+    for path, (method, handler) in routes.items():
+        if method == "GET":
+            app.router.add_get(path, handler)  # and HEAD
+        else:
+            app.router.add_route(method, path, handler)
+    allowed = {
+        path: method + (", HEAD" if method == "GET" else "") for path, (method, _) in routes.items()
+    }
+
+    async def unmatched(request: web.Request) -> web.Response:
+        methods = allowed.get(request.path)
+        if methods is None:
+            return error(404, "not_found", f"no such path: {request.path}")
+        response = error(405, "method_not_allowed", f"{request.path} accepts {methods}")
+        response.headers["Allow"] = methods
+        return response
+
+    app.router.add_route("*", "/{tail:.*}", unmatched)
     return app
