@@ -17,7 +17,7 @@ PRIORITY_RANGE = (-1_000_000, 1_000_000)
 # The input fields kept with each stored action: the ones throttled reads (rate, schedule,
 # priority, shared queue), which explain the policy it got. A workflow may map anything else
 # into its inputs, contact data included; that is HubSpot's to keep, not ours.
-STORED_INPUT_KEYS: tuple[str, ...] = (*rates.INPUT_KEYS, "priority", "queueName")
+STORED_INPUT_KEYS: frozenset[str] = frozenset((*rates.INPUT_KEYS, "priority", "queueName"))
 
 
 class Intake:
@@ -55,7 +55,7 @@ class Intake:
     def _policy(self, request: ActionRequest) -> dict[str, Any]:
         admin = self.action_configs.get((request.portal_id, request.action_definition_id))
         fields = request.input_fields
-        cache_key = (*(fields.get(k) for k in rates.INPUT_KEYS), id(admin))
+        cache_key = (*map(fields.get, rates.INPUT_KEYS), id(admin))
         cached = self._policy_cache.get(cache_key)
         if cached is not None:
             return cached
@@ -85,6 +85,4 @@ class Intake:
 
 
 def _stored_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
-    if not fields:
-        return {}
-    return {k: v for k in STORED_INPUT_KEYS if (v := fields.get(k)) is not None}
+    return {k: v for k, v in fields.items() if k in STORED_INPUT_KEYS and v is not None}

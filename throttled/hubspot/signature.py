@@ -61,10 +61,23 @@ def compute_v3(secret: str, method: str, uri: str, body: bytes, timestamp: str) 
     return base64.b64encode(hmac.digest(_utf8(secret), msg, hashlib.sha256)).decode("ascii")
 
 
+_WANTED = {name.lower(): name for name in _HEADERS}
+
+
 def _lowered(headers: Mapping[str, str]) -> dict[str, str]:
     """Return the signature headers keyed by lower-case name; a repeated one is an error."""
-    wanted = {name.lower(): name for name in _HEADERS}
-    found: dict[str, str] = {}
+    getall = getattr(headers, "getall", None)
+    if getall is not None:  # a case-insensitive multidict (aiohttp's): four lookups
+        found: dict[str, str] = {}
+        for name, original in _WANTED.items():
+            values = getall(name, ())
+            if len(values) > 1:
+                raise SignatureError(f"duplicate {original} header")
+            if values:
+                found[name] = values[0]
+        return found
+    wanted = _WANTED
+    found = {}
     for key, value in headers.items():
         name = key.lower()
         if name in wanted:
