@@ -204,6 +204,8 @@ async def test_health_ready_and_metrics(daemon_factory):
         async with daemon.session.get(daemon.url + "/metrics") as resp:
             text = await resp.text()
         assert "throttled_actions_accepted_total" in text
+        assert "throttled_gc_longest_pause_seconds" in text
+        assert 'throttled_gc_pause_seconds_total{generation="2"}' in text  # start-up collect
         assert CLIENT_SECRET not in text
 
 

@@ -17,7 +17,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from throttled import crypto, rates
+from throttled import crypto, metrics, rates
 from throttled.config import Config
 from throttled.db import migrate
 from throttled.db.embedded import embedded_database
@@ -123,6 +123,8 @@ def _tune_gc() -> None:
     recovered queues) is frozen out of collection; young collections run every 5,000
     allocations instead of 700; a full one only after 1,000 middle ones (CPython's own rule,
     that a full collection waits until survivors grew by 25 %, still applies)."""
+    if not any(isinstance(cb, metrics.GcTimer) for cb in gc.callbacks):
+        gc.callbacks.append(metrics.GcTimer())  # its pauses show in /metrics
     gc.collect()
     gc.freeze()
     gc.set_threshold(5000, 5, 1000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 
@@ -66,6 +67,14 @@ INPUT_PROBLEMS = Counter(
 INGEST_PENDING = Gauge("throttled_ingest_pending", "Actions waiting for a group commit.")
 SENDER_HELD = Gauge("throttled_sender_held", "Claimed actions waiting in portal senders.")
 ACTIVE_QUEUES = Gauge("throttled_active_queues", "Queues with work the scheduler tracks.")
+GC_PAUSE = Counter(
+    "throttled_gc_pause_seconds_total",
+    "Time the event loop stood still in garbage collection, by generation.",
+    "generation",
+)
+GC_LONGEST_PAUSE = Gauge(
+    "throttled_gc_longest_pause_seconds", "Longest single garbage-collection pause so far."
+)
 QUEUES_AT_RISK = Gauge(
     "throttled_queues_past_deadline", "Queues whose backlog will not drain before its deadline."
 )
@@ -74,3 +83,20 @@ QUEUES_AT_RISK = Gauge(
 def render() -> str:
     """All metrics in Prometheus text format."""
     return "\n".join(line for metric in REGISTRY for line in metric.render()) + "\n"
+
+
+class GcTimer:
+    """Times garbage collections (a gc.callbacks entry): every pause stalls the event loop."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self.longest = 0.0
+        GC_LONGEST_PAUSE.read = lambda: self.longest
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._started
+        self.longest = max(self.longest, pause)
+        GC_PAUSE.inc(pause, generation=str(info["generation"]))
