@@ -76,13 +76,12 @@ def _lowered(headers: Mapping[str, str]) -> dict[str, str]:
             if values:
                 found[name] = values[0]
         return found
-    wanted = _WANTED
     found = {}
     for key, value in headers.items():
         name = key.lower()
-        if name in wanted:
+        if name in _WANTED:
             if name in found:
-                raise SignatureError(f"duplicate {wanted[name]} header")
+                raise SignatureError(f"duplicate {_WANTED[name]} header")
             found[name] = value
     return found
 
