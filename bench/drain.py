@@ -41,11 +41,9 @@ import json
 import math
 import os
 import secrets
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -304,25 +302,15 @@ def by_send(requests: Iterable[tuple[float, Sequence[str]]]) -> dict[tuple[str, 
 # -- the benchmark -------------------------------------------------------------------------------
 
 
-class DrainBench:
+class DrainBench(harness.Bench):
     """One run of the drain benchmark."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.children = harness.Children()
-        self.tmp = Path(tempfile.mkdtemp(prefix="throttled-bench-drain-"))
-        self.db = harness.ScratchDatabase(args.pg_url, f"throttled_bench_{os.getpid()}")
-        self.secret = "bench-" + secrets.token_hex(16)
-        self.port = harness.free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.config = self.tmp / "throttled.toml"
-        self.daemon_log = self.tmp / "daemon.log"
-        self.profile = self.tmp / "daemon.prof" if args.profile else None
+        super().__init__(args, "drain")
         self.fake_out = self.tmp / "fake-log.json"
         self.wire_out = self.tmp / "wire.json"
         self.wiretap: subprocess.Popen[bytes] | None = None
         self.wire_note = ""  # why the wiretap is unavailable, if it is
-        self.meter: harness.CpuMeter | None = None
         self.sampler: Sampler | None = None
 
     def run(self) -> str:
@@ -827,18 +815,10 @@ class DrainBench:
         return {"per_s": per_s, "states": states}
 
     def cleanup(self) -> None:
-        """Stop children, drop the database, remove the temp dir."""
+        """Stop the sampler, then everything the base class owns."""
         if self.sampler is not None:
             self.sampler.stop()
-        self.children.stop_all()
-        if self.meter is not None:
-            self.meter.close()
-        try:
-            self.db.drop()
-        except Exception as exc:
-            print(f"!! could not drop database {self.db.name}: {exc}", file=sys.stderr)
-        if not self.args.keep:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        super().cleanup()
 
 
 def main() -> int:

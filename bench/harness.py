@@ -7,21 +7,25 @@ when the benchmark ends, fails or is interrupted.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -421,14 +425,39 @@ def merged(
     return out
 
 
-class Bench(Protocol):
-    """What run_main needs of a benchmark."""
+class Bench:
+    """What every benchmark run owns: its arguments, child processes, a temp dir, a scratch
+    database, the daemon's port, secret, config and log paths, and a CPU meter once started.
+    Subclasses implement run(); cleanup() undoes everything, whatever state the run reached."""
 
-    daemon_log: Path
+    def __init__(self, args: argparse.Namespace, name: str) -> None:
+        self.args = args
+        self.children = Children()
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"throttled-bench-{name}-"))
+        self.db = ScratchDatabase(args.pg_url, f"throttled_bench_{os.getpid()}")
+        self.secret = "bench-" + secrets.token_hex(16)
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.config = self.tmp / "throttled.toml"
+        self.daemon_log = self.tmp / "daemon.log"
+        self.profile = self.tmp / "daemon.prof" if args.profile else None
+        self.meter: CpuMeter | None = None
 
-    def run(self) -> str: ...
+    def run(self) -> str:
+        """The whole benchmark; returns the summary line."""
+        raise NotImplementedError
 
-    def cleanup(self) -> None: ...
+    def cleanup(self) -> None:
+        """Stop children, drop the database, remove the temp dir (unless --keep)."""
+        self.children.stop_all()
+        if self.meter is not None:
+            self.meter.close()
+        try:
+            self.db.drop()
+        except Exception as exc:
+            print(f"!! could not drop database {self.db.name}: {exc}", file=sys.stderr)
+        if not self.args.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def run_main(name: str, bench: Bench) -> int:

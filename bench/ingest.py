@@ -33,11 +33,9 @@ import json
 import math
 import os
 import resource
-import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -565,26 +563,16 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-class IngestBench:
+class IngestBench(harness.Bench):
     """One run: bare server, daemon at max, daemon at half rate, durability check."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.children = harness.Children()
-        self.tmp = Path(tempfile.mkdtemp(prefix="throttled-bench-ingest-"))
-        self.db = harness.ScratchDatabase(args.pg_url, f"throttled_bench_{os.getpid()}")
-        self.secret = "bench-" + secrets.token_hex(16)
-        self.port = harness.free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        super().__init__(args, "ingest")
         self.signed_url = self.base_url + ACTION_PATH
-        self.config = self.tmp / "throttled.toml"
-        self.daemon_log = self.tmp / "daemon.log"
-        self.profile = self.tmp / "daemon.prof" if args.profile else None
         self.wrk = shutil.which("wrk") if not args.no_wrk else None
         self.results: dict[str, Any] = {}
         self.server_pids: dict[str, int] = {}
         self.bare_url = ""
-        self.meter: harness.CpuMeter | None = None
         self._before: dict[str, Any] = {}
 
     def run(self) -> str:
@@ -902,18 +890,6 @@ class IngestBench:
             f"{db['total']:,} vs 200s {ok200:,} {'OK' if durable else 'MISMATCH'}; non-200 "
             f"{sum(non200.values())}; daemon log warnings+ {bad}"
         )
-
-    def cleanup(self) -> None:
-        """Stop children, drop the database, remove the temp dir."""
-        self.children.stop_all()
-        if self.meter is not None:
-            self.meter.close()
-        try:
-            self.db.drop()
-        except Exception as exc:
-            print(f"!! could not drop database {self.db.name}: {exc}", file=sys.stderr)
-        if not self.args.keep:
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def main() -> int:
