@@ -87,18 +87,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--fake-budget", default="110/10", help="fake's per-portal limit, requests/s ('none')"
     )
-    p.add_argument("--pg-url", default=harness.DEFAULT_PG, help="PostgreSQL server URL")
-    p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
-    p.add_argument(
-        "--profile", action="store_true", help="run the daemon under cProfile (diagnosis only)"
-    )
-    p.add_argument(
-        "--daemon-config",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="extra daemon config, e.g. ingest.linger_ms=2 (repeatable)",
-    )
+    harness.add_common_args(p)
     args = p.parse_args()
     args.duration = args.duration or (10.0 if args.quick else 60.0)
     args.rows_per_queue = args.rows_per_queue or math.ceil(args.duration * 1.2) + 10

@@ -425,6 +425,22 @@ def merged(
     return out
 
 
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes (what Bench and run_main rely on)."""
+    p.add_argument("--pg-url", default=DEFAULT_PG, help="PostgreSQL server URL")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    p.add_argument(
+        "--profile", action="store_true", help="run the daemon under cProfile (diagnosis only)"
+    )
+    p.add_argument(
+        "--daemon-config",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="extra daemon config, e.g. ingest.linger_ms=2 (repeatable)",
+    )
+
+
 class Bench:
     """What every benchmark run owns: its arguments, child processes, a temp dir, a scratch
     database, the daemon's port, secret, config and log paths, and a CPU meter once started.

@@ -542,20 +542,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--client-procs", type=int, default=2, help="processes of the Python client")
     p.add_argument("--rate-connections", type=int, default=64, help="per half-rate process")
     p.add_argument("--half-rate", type=float, help="fixed rate for phase 3 (default: max/2)")
-    p.add_argument("--pg-url", default=harness.DEFAULT_PG, help="PostgreSQL server URL")
     p.add_argument("--no-wrk", action="store_true", help="use the Python client even if wrk")
     p.add_argument("--skip-bare", action="store_true", help="skip the bare-server phase")
-    p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
-    p.add_argument(
-        "--profile", action="store_true", help="run the daemon under cProfile (diagnosis only)"
-    )
-    p.add_argument(
-        "--daemon-config",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="extra daemon config, e.g. ingest.linger_ms=2 (repeatable)",
-    )
+    harness.add_common_args(p)
     args = p.parse_args()
     args.duration = args.duration or (4.0 if args.quick else 20.0)
     args.half_duration = args.half_duration or (4.0 if args.quick else 20.0)
