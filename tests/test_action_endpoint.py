@@ -105,7 +105,8 @@ async def test_malformed_json_is_400(daemon_factory, db_url):
 
 
 async def test_json_that_python_accepts_but_is_not_storable_is_400(daemon_factory, db_url):
-    valid = json.dumps(action_payload())
+    # (an input field already there, so each insertion below leaves the rest valid JSON)
+    valid = json.dumps(action_payload(input_fields={"queueName": "q"}))
     bodies = [
         # NaN and Infinity: Python's json reads them, PostgreSQL's jsonb does not
         valid.replace('"inputFields": {', '"inputFields": {"maxThroughput": NaN, ', 1),
@@ -114,6 +115,10 @@ async def test_json_that_python_accepts_but_is_not_storable_is_400(daemon_factor
         valid.replace('"inputFields": {', '"inputFields": {"n": ' + "9" * 5000 + ", ", 1),
         # nesting deep enough to exhaust the recursion limit
         '{"callbackId": ' + "[" * 20_000 + "]" * 20_000 + "}",
+        # a number Python's json reads as infinity
+        valid.replace('"inputFields": {', '"inputFields": {"maxThroughput": 1e400, ', 1),
+        # an escaped lone surrogate: not Unicode, and not storable
+        valid.replace('"inputFields": {', '"inputFields": {"s": "\\ud800", ', 1),
     ]
     async with daemon_factory() as daemon:
         for text in bodies:

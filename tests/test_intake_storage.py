@@ -44,6 +44,31 @@ def test_escaped_backslash_u0000_text_is_not_a_nul() -> None:
     assert parse(payload).input_fields == {"a": "\\u0000", "b": "\\u0000"}
 
 
+def test_body_is_strict_utf8_json() -> None:
+    payload = action_payload(input_fields={"maxThroughput": "5", "name": "Zoë"})
+    text = json.dumps(payload, ensure_ascii=False)
+    # a UTF-8 byte order mark is ignored (RFC 8259 §8.1)
+    assert parse(b"\xef\xbb\xbf" + text.encode()).input_fields["name"] == "Zoë"
+    for body in (
+        text.encode("utf-16"),  # JSON between systems is UTF-8 (RFC 8259 §8.1)
+        text.encode("latin-1"),  # "ë" is not valid UTF-8
+    ):
+        with pytest.raises(PayloadError) as caught:
+            parse(body)
+        assert caught.value.field == "body"
+
+
+def test_integers_past_64_bits_read_as_numbers() -> None:
+    body = json.dumps(action_payload()).encode()
+    body = body.replace(b'"inputFields": {}', b'"inputFields": {"n": 123456789012345678901234}')
+    assert parse(body).input_fields["n"] == pytest.approx(1.2345678901234568e23)
+    big_portal = json.dumps(action_payload()).encode()
+    big_portal = big_portal.replace(b'"portalId": 62515', b'"portalId": ' + b"9" * 25)
+    with pytest.raises(PayloadError) as caught:
+        parse(big_portal)
+    assert caught.value.field == "origin.portalId"
+
+
 def _action(callback_id: str, **kw: Any) -> NewAction:
     values: dict[str, Any] = {
         "queue_key": "queue:1:named:storage",

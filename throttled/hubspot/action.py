@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 _INT64 = (-(2**63), 2**63 - 1)
 MAX_CALLBACK_ID = 255
@@ -53,24 +54,19 @@ class ActionRequest:
         )
 
 
-def _no_constant(name: str) -> Any:
-    """NaN and Infinity are not JSON (Python accepts them; PostgreSQL's jsonb does not)."""
-    raise ValueError(f"{name} is not a JSON number")
-
-
-# One decoder for every request: json.loads with any option builds a new one per call.
-_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+_BOM = b"\xef\xbb\xbf"
 
 
 def parse(body: bytes) -> ActionRequest:
     """Parse and validate a raw request body; raise PayloadError naming the bad field."""
+    # orjson: strict RFC 8259 (UTF-8 only, no NaN/Infinity, no lone surrogates, nesting up to
+    # 1,024 levels), so whatever it returns PostgreSQL's jsonb can store; several times faster
+    # than the json module on these bodies. Integers beyond 64 bits are read as floats, as
+    # JavaScript reads them. A UTF-8 byte order mark is ignored (RFC 8259 §8.1 allows it).
     try:
-        # as json.loads does for bytes: UTF-8, -16 or -32, told apart by the first bytes
-        doc = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
-    except ValueError as exc:  # bad encoding or syntax, NaN/Infinity, a 4,300+ digit integer
+        doc = orjson.loads(body[3:] if body.startswith(_BOM) else body)
+    except orjson.JSONDecodeError as exc:
         raise PayloadError("body", f"not valid JSON ({exc})") from None
-    except RecursionError:
-        raise PayloadError("body", "not valid JSON (nested too deeply)") from None
     if not isinstance(doc, dict):
         raise PayloadError("body", "must be a JSON object")
     origin = _object(doc, "origin")
