@@ -116,6 +116,8 @@ def _callback_id(doc: Mapping[str, Any]) -> str:
 
 def _int(doc: Mapping[str, Any], key: str, where: str, *, positive: bool = False) -> int:
     value = doc.get(key)
+    if type(value) is int and (1 if positive else _INT64[0]) <= value <= _INT64[1]:
+        return value  # the usual case, checked first
     if value is None:
         raise PayloadError(f"{where}.{key}", "is required")
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
@@ -132,6 +134,10 @@ def _opt_str(obj: Mapping[str, Any] | None, key: str) -> str | None:
     value = None if obj is None else obj.get(key)
     if value is None:
         return None
+    if type(value) is str and len(value) <= 255 and "\x00" not in value:
+        return value  # the usual case, checked first
+    if type(value) is int:
+        return str(value)  # at most 64 bits (parse): short, and no NUL
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise PayloadError(f"object.{key}", "must be a string or an integer")
     text = str(value)
@@ -146,11 +152,13 @@ def _input_fields(doc: Mapping[str, Any]) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise PayloadError("inputFields", "must be an object")
+    nul = False  # PostgreSQL's jsonb cannot hold U+0000, in a key or in a value
     for key, item in value.items():
-        if item is not None and not isinstance(item, str | int | float | bool):
+        if type(item) is str:
+            nul = nul or "\x00" in item
+        elif item is not None and not isinstance(item, int | float):  # bool is an int
             raise PayloadError(f"inputFields.{key}", "must be a string or a number")
-    # PostgreSQL's jsonb cannot hold U+0000, in a key or in a value.
-    for key, item in value.items():
-        if "\x00" in key or (isinstance(item, str) and "\x00" in item):
-            raise PayloadError("inputFields", "must not contain NUL characters")
-    return dict(value)
+        nul = nul or "\x00" in key
+    if nul:  # reported after every value's type has been checked
+        raise PayloadError("inputFields", "must not contain NUL characters")
+    return value  # freshly parsed: ours to keep
