@@ -176,13 +176,14 @@ async def test_a_row_postgresql_rejects_fails_alone(
     async with Repository.open(db_url, min_size=1, max_size=3) as repo:
         await _queue_id(repo)
         sizes: list[int] = []
-        insert = repo.insert_actions
+        insert = Repository.insert_actions
 
-        async def counted(actions: list[NewAction], ids: list[int]) -> None:
+        async def counted(self: Repository, actions: list[NewAction], ids: list[int]) -> None:
             sizes.append(len(actions))
-            await insert(actions, ids)
+            await insert(self, actions, ids)
 
-        monkeypatch.setattr(repo, "insert_actions", counted)
+        # (on the class: the flusher runs its statements over a Repository of its own)
+        monkeypatch.setattr(Repository, "insert_actions", counted)
         ingest = Ingest(repo, batch_max=100, max_pending=100, flushers=1)
         stop = asyncio.Event()
         runner = asyncio.create_task(ingest.run(stop))

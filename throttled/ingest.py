@@ -87,44 +87,64 @@ class Ingest:
             self._wake.set()
 
     async def _flusher(self, stop: asyncio.Event) -> None:
-        while True:
-            if not self._items:
-                if self._closed:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            if self._linger_s and len(self._items) < self._batch_max and not self._closed:
-                await asyncio.sleep(self._linger_s)
-            batch = self._items[: self._batch_max]
-            del self._items[: self._batch_max]
-            await asyncio.shield(self._flush(batch))
-
-    async def _flush(self, batch: list[_Item]) -> None:
+        # Each flusher keeps one connection between batches, taken again after an outage.
+        writer: Repository | None = None
         try:
-            queue_ids, changed = await self._store([i.action for i in batch])
+            while True:
+                if not self._items:
+                    if self._closed:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                if self._linger_s and len(self._items) < self._batch_max and not self._closed:
+                    await asyncio.sleep(self._linger_s)
+                batch = self._items[: self._batch_max]
+                del self._items[: self._batch_max]
+                try:
+                    writer = writer or await self._repo.hold()
+                except DatabaseError as exc:
+                    log.warning("ingest_flush_failed", rows=len(batch), error=str(exc))
+                    _settle(batch, exc)
+                    continue
+                if not await asyncio.shield(self._flush(writer, batch)):
+                    await writer.give_back()  # it may be broken: the pool replaces it
+                    writer = None
+        finally:
+            if writer is not None:
+                await writer.give_back()
+
+    async def _flush(self, writer: Repository, batch: list[_Item]) -> bool:
+        """Store a batch and settle its submitters; False if the database was unreachable."""
+        try:
+            queue_ids, changed = await self._store(writer, [i.action for i in batch])
         except DatabaseError as exc:
             if len(batch) > 1 and not isinstance(exc, DatabaseUnavailable):
-                await self._flush_one_by_one(batch)
-                return
+                return await self._flush_one_by_one(writer, batch)
             log.warning("ingest_flush_failed", rows=len(batch), error=str(exc))
             _settle(batch, exc)
-            return
+            return not isinstance(exc, DatabaseUnavailable)
         except Exception as exc:  # never leave a submitter waiting forever
             log.exception("ingest_flush_crashed", rows=len(batch))
             _settle(batch, DatabaseError(f"{type(exc).__name__}: {exc}"))
-            return
+            return False
         self.batches += 1
         self.rows += len(batch)
         _settle(batch, None)
         self._on_stored(queue_ids, changed)
+        return True
 
-    async def _flush_one_by_one(self, batch: list[_Item]) -> None:
+    async def _flush_one_by_one(self, writer: Repository, batch: list[_Item]) -> bool:
         """A statement error (not an outage) isolates the bad row instead of failing the batch."""
-        for item in batch:
-            await self._flush([item])
+        for n, item in enumerate(batch):
+            if not await self._flush(writer, [item]):
+                _settle(batch[n + 1 :], DatabaseUnavailable("the database became unreachable"))
+                return False
+        return True
 
-    async def _store(self, actions: list[NewAction]) -> tuple[set[int], list[QueueRow]]:
+    async def _store(
+        self, writer: Repository, actions: list[NewAction]
+    ) -> tuple[set[int], list[QueueRow]]:
         stale = {
             a.queue_key: a
             for a in actions
@@ -133,7 +153,7 @@ class Ingest:
         }
         changed: list[QueueRow] = []
         if stale:
-            fresh = await self._repo.upsert_queues(
+            fresh = await writer.upsert_queues(
                 list(stale),
                 [a.portal_id for a in stale.values()],
                 [a.policy for a in stale.values()],
@@ -142,7 +162,7 @@ class Ingest:
                 self._queue_ids[row.key] = (row.id, stale[row.key].policy)
                 changed.append(row)
         ids = [self._queue_ids[a.queue_key][0] for a in actions]
-        await self._repo.insert_actions(actions, ids)
+        await writer.insert_actions(actions, ids)
         return set(ids), changed
 
 

@@ -155,10 +155,31 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 class Repository:
-    """All queries throttled issues, over one asyncpg pool."""
+    """All queries throttled issues, over one asyncpg pool (or one connection of it: held)."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, conn: asyncpg.pool.PoolConnectionProxy | None = None
+    ) -> None:
         self.pool = pool
+        self._conn = conn
+        self._target: asyncpg.Pool | asyncpg.pool.PoolConnectionProxy = (
+            pool if conn is None else conn
+        )
+
+    async def hold(self) -> Repository:
+        """The same queries over one connection taken from the pool, for a caller that runs
+        statements back to back (a group-commit flusher): no acquire and release around each
+        one. give_back() returns it."""
+        with translate_errors():
+            return Repository(self.pool, await self.pool.acquire())
+
+    async def give_back(self) -> None:
+        """Give a held connection back to the pool (a broken one is replaced by the pool)."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            self._target = self.pool
+            with contextlib.suppress(DatabaseError), translate_errors():
+                await self.pool.release(conn)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -183,11 +204,11 @@ class Repository:
 
     async def _execute(self, sql: str, *args: Any) -> str:
         with translate_errors():
-            return str(await self.pool.execute(sql, *args))
+            return str(await self._target.execute(sql, *args))
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         with translate_errors():
-            return list(await self.pool.fetch(sql, *args))
+            return list(await self._target.fetch(sql, *args))
 
     async def ping(self) -> None:
         """Raise DatabaseUnavailable unless a trivial query succeeds."""
