@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -198,3 +200,71 @@ async def test_a_row_postgresql_rejects_fails_alone(
     assert isinstance(results[1], DatabaseError), results[1]
     assert sizes == [3, 1, 1, 1]  # the batch failed as a whole, then row by row
     assert [r["callback_id"] for r in rows] == ["good-1", "good-2"]
+
+
+async def _batches(repo: Repository, callback_ids: list[str]) -> list[list[str]]:
+    """The given rows grouped by the INSERT that stored them (a batch shares its now())."""
+    records = await repo.pool.fetch(
+        "SELECT array_agg(callback_id ORDER BY callback_id) AS ids FROM actions"
+        " WHERE callback_id = ANY($1) GROUP BY received_at ORDER BY min(id)",
+        callback_ids,
+    )
+    return [list(r["ids"]) for r in records]
+
+
+@contextlib.asynccontextmanager
+async def _held_commit(repo: Repository, ingest: Ingest) -> AsyncIterator[asyncio.Task[None]]:
+    """A flusher's commit that waits until the block ends: another transaction has inserted
+    the same callback_id and not committed yet, so ON CONFLICT makes the INSERT wait for it."""
+    queue_id = await _queue_id(repo)
+    async with repo.pool.acquire() as blocker:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute(
+            "INSERT INTO actions (callback_id, queue_id, portal_id, deadline)"
+            " VALUES ('a', $1, 1, now() + interval '1 day')",
+            queue_id,
+        )
+        held = asyncio.create_task(ingest.submit(_action("a")))
+        await asyncio.sleep(0.2)  # its INSERT is waiting on the lock
+        yield held
+        assert not held.done()
+        await tx.commit()
+    await asyncio.wait_for(held, timeout=20)
+
+
+async def test_rows_arriving_during_a_commit_wait_for_it_and_go_together(db_url: str) -> None:
+    async with Repository.open(db_url, min_size=1, max_size=4) as repo:
+        ingest = Ingest(repo, batch_max=100, max_pending=100, flushers=2, overlap_s=2.0)
+        stop = asyncio.Event()
+        runner = asyncio.create_task(ingest.run(stop))
+        async with _held_commit(repo, ingest):
+            b1 = asyncio.create_task(ingest.submit(_action("b1")))
+            await asyncio.sleep(0.2)
+            b2 = asyncio.create_task(ingest.submit(_action("b2")))
+            await asyncio.sleep(0.3)
+            # the free flusher has not started a commit of its own
+            assert (b1.done(), b2.done()) == (False, False)
+        await asyncio.wait_for(asyncio.gather(b1, b2), timeout=20)
+        stop.set()
+        await runner
+        assert await _batches(repo, ["b1", "b2"]) == [["b1", "b2"]]
+
+
+@pytest.mark.parametrize("overlap_s", [0.0, 0.3])
+async def test_a_slow_commit_holds_the_next_back_no_longer_than_overlap(
+    db_url: str, overlap_s: float
+) -> None:
+    async with Repository.open(db_url, min_size=1, max_size=4) as repo:
+        ingest = Ingest(repo, batch_max=100, max_pending=100, flushers=2, overlap_s=overlap_s)
+        stop = asyncio.Event()
+        runner = asyncio.create_task(ingest.run(stop))
+        async with _held_commit(repo, ingest):
+            # committed by the other flusher while the first commit is still held
+            b1 = ingest.submit(_action("b1"))
+            await asyncio.wait_for(b1, timeout=20)
+            b2 = ingest.submit(_action("b2"))
+            await asyncio.wait_for(b2, timeout=20)
+        stop.set()
+        await runner
+        assert await _batches(repo, ["b1", "b2"]) == [["b1"], ["b2"]]

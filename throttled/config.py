@@ -119,6 +119,7 @@ class IngestConfig:
     max_pending: int = 20000
     batch_max: int = 2000
     linger_ms: float = 0.0
+    overlap_ms: float = 1.5
     flushers: int = 2
     retry_after_s: int = 5
 
@@ -336,6 +337,8 @@ def validate(config: Config) -> None:
         (config.ingest.max_pending >= 1, "ingest.max_pending: must be >= 1"),
         (config.ingest.batch_max >= 1, "ingest.batch_max: must be >= 1"),
         (config.ingest.flushers >= 1, "ingest.flushers: must be >= 1"),
+        (0 <= config.ingest.linger_ms <= 1000, "ingest.linger_ms: must be 0..1000"),
+        (0 <= config.ingest.overlap_ms <= 100, "ingest.overlap_ms: must be 0..100"),
         (config.database.pool_min >= 1, "database.pool_min: must be >= 1"),
         (
             config.database.pool_max >= config.database.pool_min + config.ingest.flushers,

@@ -243,6 +243,7 @@ async def _assemble(
         max_pending=config.ingest.max_pending,
         flushers=config.ingest.flushers,
         linger_s=config.ingest.linger_ms / 1000,
+        overlap_s=config.ingest.overlap_ms / 1000,
         on_stored=scheduler.notify,
     )
     secrets = tuple(
