@@ -10,13 +10,14 @@ RETURNING id, key, portal_id, policy, override, created_at
 """
 
 # $1 is one JSON array of rows, each an array of the nine values in column order (deadline
-# in Unix seconds): asyncpg encodes one jsonb far faster than nine arrays, element by element.
+# in Unix seconds), as text: one document, encoded by orjson, is far cheaper than nine
+# arrays encoded element by element (or one jsonb through the json module).
 INSERT_ACTIONS = """
 INSERT INTO actions (callback_id, queue_id, portal_id, priority, deadline,
                      workflow_id, object_type, object_id, input_fields)
 SELECT r->>0, (r->>1)::bigint, (r->>2)::bigint, (r->>3)::int, to_timestamp((r->>4)::float8),
        (r->>5)::bigint, r->>6, r->>7, r->8
-FROM jsonb_array_elements($1::jsonb) AS r
+FROM jsonb_array_elements($1::text::jsonb) AS r
 ON CONFLICT (callback_id) DO NOTHING
 """
 
