@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import json
+from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
@@ -147,6 +150,47 @@ async def test_oversized_body_is_413(daemon_factory, db_url):
         status, body = await daemon.post_action(payload)
         assert (status, body["error"]) == (413, "payload_too_large")
         assert _count(db_url) == 0
+
+
+async def test_oversized_body_without_content_length_is_413(daemon_factory, db_url):
+    big = json.dumps(action_payload(input_fields={"pad": "x" * 4096})).encode()
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: chunked encoding
+        for i in range(0, len(big), 1000):
+            yield big[i : i + 1000]
+
+    small = json.dumps(action_payload()).encode()
+    async with daemon_factory(ingest={"max_body_bytes": 2048}) as daemon:
+        for data, headers in (
+            (chunked(), _signed(daemon, big)),
+            # 1 KiB on the wire, 100 KiB once aiohttp has decompressed it
+            (gzip.compress(b" " * 100_000 + small), {"Content-Encoding": "gzip"}),
+        ):
+            headers = {"Content-Type": "application/json", **headers}
+            async with daemon.session.post(
+                daemon.url + "/api/hubspot/action", data=data, headers=headers
+            ) as resp:
+                answer = await resp.json()
+                assert (resp.status, answer["error"]) == (413, "payload_too_large"), answer
+        assert _count(db_url) == 0
+
+
+async def test_body_sent_in_chunks_is_stored(daemon_factory, db_url):
+    body = json.dumps(action_payload()).encode()
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 100):
+            yield body[i : i + 100]
+            await asyncio.sleep(0.01)  # the handler runs before the whole body is here
+
+    async with daemon_factory() as daemon:
+        async with daemon.session.post(
+            daemon.url + "/api/hubspot/action", data=chunked(), headers=_signed(daemon, body)
+        ) as resp:
+            answer = await resp.json()
+        assert resp.status == 200, answer
+        assert answer["outputFields"]["hs_execution_state"] == "BLOCK"
+        assert _count(db_url) == 1
 
 
 async def test_non_json_content_type_is_415(daemon_factory, db_url):

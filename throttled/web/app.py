@@ -79,10 +79,16 @@ async def handle_action(request: web.Request) -> web.Response:
         return _too_large(cfg.ingest.max_body_bytes)
     if request.content_type != "application/json":
         return error(415, "unsupported_media_type", "Content-Type must be application/json")
-    try:
-        body = await request.read()  # aiohttp enforces client_max_size (= max_body_bytes)
-    except web.HTTPRequestEntityTooLarge:
-        return _too_large(cfg.ingest.max_body_bytes)
+    content = request.content
+    if content.is_eof():  # the whole body is here (the usual case): take it without a wait
+        body = content.read_nowait()
+        if len(body) > cfg.ingest.max_body_bytes:  # (decompressed, or sent chunked)
+            return _too_large(cfg.ingest.max_body_bytes)
+    else:
+        try:
+            body = await request.read()  # aiohttp enforces client_max_size (= max_body_bytes)
+        except web.HTTPRequestEntityTooLarge:
+            return _too_large(cfg.ingest.max_body_bytes)
     try:
         version = signature.verify(
             request.headers,
