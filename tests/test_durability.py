@@ -378,6 +378,31 @@ async def test_database_unreachable_answers_503(
         assert not daemon.task.done(), "the daemon stopped after the outage"
 
 
+async def test_intake_connection_ended_while_idle_costs_no_503(
+    daemon_factory, fake_hubspot, db_url, pg_server_url
+):
+    name = urlsplit(db_url).path.lstrip("/")
+    # One flusher: the action below goes over the connection it has held since the first.
+    async with daemon_factory(ingest={"flushers": 1}) as daemon:
+        await _settled_daemon(daemon, fake_hubspot)
+        await asyncio.to_thread(
+            _admin,
+            pg_server_url,
+            (
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            ),
+        )
+        await asyncio.sleep(0.3)  # the server has ended them all (a restart, an idle timeout)
+        payload = action_payload(portal_id=PORTAL)
+        status, _, body = await _post(daemon, payload)
+        assert status == 200, body
+        assert await stored_callback_ids(db_url, [payload["callbackId"]]) == {payload["callbackId"]}
+        await wait_for(lambda: payload["callbackId"] in fake_hubspot.completed)
+        assert not daemon.task.done()
+
+
 async def test_terminated_idle_connection_is_database_unavailable(db_url, pg_server_url):
     name = urlsplit(db_url).path.lstrip("/")
     async with Repository.open(db_url, min_size=2, max_size=2) as repo:

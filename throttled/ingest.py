@@ -115,35 +115,58 @@ class Ingest:
                         continue  # it may have finished, and its flusher taken the rows
                 batch = self._items[: self._batch_max]
                 del self._items[: self._batch_max]
-                try:
-                    writer = writer or await self._repo.hold()
-                except DatabaseError as exc:
-                    log.warning("ingest_flush_failed", rows=len(batch), error=str(exc))
-                    _settle(batch, exc)
-                    continue
                 self._in_flight += 1
                 self._started = loop.time()
+                commit = asyncio.ensure_future(self._commit(writer, batch))
                 try:
-                    ok = await asyncio.shield(self._flush(writer, batch))
+                    writer = await asyncio.shield(commit)
+                except asyncio.CancelledError:
+                    writer = await commit  # its submitters get their answer; then stop
+                    raise
                 finally:
                     self._in_flight -= 1
-                if not ok:
-                    await writer.give_back()  # it may be broken: the pool replaces it
-                    writer = None
         finally:
             if writer is not None:
                 await writer.give_back()
 
+    async def _commit(self, writer: Repository | None, batch: list[_Item]) -> Repository | None:
+        """Store a batch over the flusher's own connection and settle its submitters; return
+        the connection to keep (None after an outage). One held from before that turns out
+        broken (ended by the server while idle, say) is replaced and the batch sent once
+        more: both statements are idempotent, so rows that did commit are not doubled."""
+        attempts = 1 if writer is None else 2
+        for attempt in range(attempts):
+            try:
+                writer = writer or await self._repo.hold()
+                ok = await self._flush(writer, batch)
+            except DatabaseError as exc:  # hold(): any; _flush(): only DatabaseUnavailable
+                if writer is not None:
+                    await writer.give_back()  # the pool replaces a broken one
+                    writer = None
+                if isinstance(exc, DatabaseUnavailable) and attempt + 1 < attempts:
+                    continue
+                log.warning("ingest_flush_failed", rows=len(batch), error=str(exc))
+                _settle(batch, exc)
+                return None
+            if not ok:
+                await writer.give_back()  # after a crash it may be in any state
+                return None
+            return writer
+        return None
+
     async def _flush(self, writer: Repository, batch: list[_Item]) -> bool:
-        """Store a batch and settle its submitters; False if the database was unreachable."""
+        """Store a batch and settle its submitters (raise DatabaseUnavailable on an outage,
+        leaving those not yet settled); False if it crashed."""
         try:
             queue_ids, changed = await self._store(writer, [i.action for i in batch])
+        except DatabaseUnavailable:
+            raise
         except DatabaseError as exc:
-            if len(batch) > 1 and not isinstance(exc, DatabaseUnavailable):
+            if len(batch) > 1:
                 return await self._flush_one_by_one(writer, batch)
             log.warning("ingest_flush_failed", rows=len(batch), error=str(exc))
             _settle(batch, exc)
-            return not isinstance(exc, DatabaseUnavailable)
+            return True
         except Exception as exc:  # never leave a submitter waiting forever
             log.exception("ingest_flush_crashed", rows=len(batch))
             _settle(batch, DatabaseError(f"{type(exc).__name__}: {exc}"))
@@ -156,9 +179,8 @@ class Ingest:
 
     async def _flush_one_by_one(self, writer: Repository, batch: list[_Item]) -> bool:
         """A statement error (not an outage) isolates the bad row instead of failing the batch."""
-        for n, item in enumerate(batch):
-            if not await self._flush(writer, [item]):
-                _settle(batch[n + 1 :], DatabaseUnavailable("the database became unreachable"))
+        for item in batch:
+            if not item.done.done() and not await self._flush(writer, [item]):
                 return False
         return True
 

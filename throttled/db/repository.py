@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Sequence
@@ -202,7 +203,10 @@ class Repository:
         try:
             yield cls(pool)
         finally:
-            await pool.close()
+            # close() waits for every connection to come back; a lost one must not hang the
+            # stop (on a timeout asyncpg terminates the rest).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pool.close(), 10.0)
 
     async def _execute(self, sql: str, *args: Any) -> str:
         with translate_errors():
