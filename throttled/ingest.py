@@ -180,7 +180,7 @@ class Ingest:
     async def _flush_one_by_one(self, writer: Repository, batch: list[_Item]) -> bool:
         """A statement error (not an outage) isolates the bad row instead of failing the batch."""
         for item in batch:
-            if not item.done.done() and not await self._flush(writer, [item]):
+            if not await self._flush(writer, [item]):
                 return False
         return True
 
