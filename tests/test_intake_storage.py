@@ -268,3 +268,33 @@ async def test_a_slow_commit_holds_the_next_back_no_longer_than_overlap(
         stop.set()
         await runner
         assert await _batches(repo, ["b1", "b2"]) == [["b1"], ["b2"]]
+
+
+def test_policy_follows_the_rate_fields_and_only_them() -> None:
+    from throttled import rates
+    from throttled.intake import Intake
+
+    intake = Intake(
+        defaults=rates.spec_from_mapping(
+            {"max_throughput": 1, "time_period": 1, "time_unit": "days"}, where="defaults"
+        ),
+        block_expiration_s=3600.0,
+        clock=lambda: 1_900_000_000.0,
+    )
+
+    def built(fields: dict[str, Any]) -> NewAction:
+        return intake.build(_parse(action_payload(input_fields=fields)))
+
+    ten = built({"maxThroughput": "10", "timeUnit": "seconds", "priority": "3", "x": "y"})
+    assert (ten.policy["limit"], ten.policy["period_s"]) == (10, 1.0)
+    assert ten.input_fields == {"maxThroughput": "10", "timeUnit": "seconds", "priority": "3"}
+    assert ten.priority == 3
+    # the same rate with another priority: the same policy; another rate: another policy
+    again = built({"timeUnit": "seconds", "maxThroughput": "10", "priority": "-7"})
+    assert again.policy == ten.policy
+    assert again.priority == -7
+    five = built({"maxThroughput": "5", "timeUnit": "minutes"})
+    assert (five.policy["limit"], five.policy["period_s"]) == (5, 60.0)
+    # no rate fields, or a value that is not a rate: the defaults
+    for fields in ({}, {"maxThroughput": "lots", "timeUnit": "seconds"}):
+        assert (built(fields).policy["limit"], built(fields).policy["period_s"]) == (1, 86400.0)

@@ -18,6 +18,7 @@ PRIORITY_RANGE = (-1_000_000, 1_000_000)
 # priority, shared queue), which explain the policy it got. A workflow may map anything else
 # into its inputs, contact data included; that is HubSpot's to keep, not ours.
 STORED_INPUT_KEYS: frozenset[str] = frozenset((*rates.INPUT_KEYS, "priority", "queueName"))
+_NOT_RATE = frozenset(("priority", "queueName"))
 
 
 class Intake:
@@ -39,27 +40,29 @@ class Intake:
 
     def build(self, request: ActionRequest) -> NewAction:
         """The row to store for this request."""
+        stored = _stored_fields(request.input_fields)
         return NewAction(
             callback_id=request.callback_id,
             queue_key=request.queue_key(),
             portal_id=request.portal_id,
             priority=self._priority(request),
             deadline=self._clock() + self._expiry_s,
-            policy=self._policy(request),
+            policy=self._policy(request, stored),
             workflow_id=request.workflow_id,
             object_type=request.object_type,
             object_id=request.object_id,
-            input_fields=_stored_fields(request.input_fields),
+            input_fields=stored,
         )
 
-    def _policy(self, request: ActionRequest) -> dict[str, Any]:
+    def _policy(self, request: ActionRequest, stored: dict[str, Any]) -> dict[str, Any]:
         admin = self.action_configs.get((request.portal_id, request.action_definition_id))
-        fields = request.input_fields
-        cache_key = (*map(fields.get, rates.INPUT_KEYS), id(admin))
+        # Keyed on the rate fields given (stored holds them, with priority and queueName).
+        rate_fields = tuple([item for item in stored.items() if item[0] not in _NOT_RATE])
+        cache_key = (rate_fields, id(admin))
         cached = self._policy_cache.get(cache_key)
         if cached is not None:
             return cached
-        spec, problems = rates.parse_input_fields(request.input_fields)
+        spec, problems = rates.parse_input_fields(stored)
         for problem in problems:
             metrics.INPUT_PROBLEMS.inc()
             log.warning("input_field_invalid", portal_id=request.portal_id, problem=problem)
@@ -85,4 +88,6 @@ class Intake:
 
 
 def _stored_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    if not fields:
+        return {}
     return {k: v for k, v in fields.items() if k in STORED_INPUT_KEYS and v is not None}

@@ -14,6 +14,8 @@ SIGNATURE_VERSION = "X-HubSpot-Signature-Version"
 SIGNATURE_V3 = "X-HubSpot-Signature-v3"
 TIMESTAMP = "X-HubSpot-Request-Timestamp"
 _HEADERS = (SIGNATURE, SIGNATURE_VERSION, SIGNATURE_V3, TIMESTAMP)
+# the keys of _lowered()'s answer
+_SIG, _SIG_VERSION, _SIG_V3, _TS = (name.lower() for name in _HEADERS)
 
 # §3.1: v3 URL-decodes only these sequences; the docs don't say whether lower-case hex
 # counts, so both cases are decoded (the match is case-insensitive).
@@ -88,8 +90,12 @@ def _lowered(headers: Mapping[str, str]) -> dict[str, str]:
 
 def _matches(candidates: Sequence[str], expected: Sequence[str]) -> bool:
     """Compare every candidate with every expected value in constant time."""
-    hits = [hmac.compare_digest(_utf8(c), _utf8(e)) for c in candidates for e in expected]
-    return any(hits)
+    hit = False
+    for c in candidates:
+        given = _utf8(c)
+        for e in expected:  # every one, even after a hit
+            hit |= hmac.compare_digest(given, _utf8(e))
+    return hit
 
 
 def _check_timestamp(value: str | None, now_ms: int, max_skew_s: int) -> str:
@@ -113,8 +119,8 @@ def _verify_v3(
     max_skew_s: int,
 ) -> None:
     """Check the v3 timestamp window and HMAC."""
-    ts = _check_timestamp(h.get(TIMESTAMP.lower()), now_ms, max_skew_s)
-    given = h[SIGNATURE_V3.lower()]
+    ts = _check_timestamp(h.get(_TS), now_ms, max_skew_s)
+    given = h[_SIG_V3]
     # A '+' in the base64 value has been reported arriving as a space (§6.5).
     candidates = [given, given.replace(" ", "+")] if " " in given else [given]
     if not _matches(candidates, [compute_v3(s, method, uri, body, ts) for s in secrets]):
@@ -127,14 +133,14 @@ def _verify_v1_v2(
     """Check X-HubSpot-Signature under its declared version; return that version."""
     # The docs are silent on a missing version header. Treat it as v2: that is what custom
     # actions send, it is hubspot-api-client's default, and it is the stricter of the two.
-    version = h.get(SIGNATURE_VERSION.lower(), "v2")
+    version = h.get(_SIG_VERSION, "v2")
     if version == "v1":
         expected = [compute_v1(s, body) for s in secrets]
     elif version == "v2":
         expected = [compute_v2(s, method, uri, body) for s in secrets]
     else:
         raise SignatureError(f"unsupported signature version {version[:20]!r}")
-    if not _matches([h[SIGNATURE.lower()]], expected):
+    if not _matches([h[_SIG]], expected):
         raise SignatureError(f"{version} signature mismatch")
     return version
 
@@ -153,8 +159,8 @@ def verify(
     if isinstance(secrets, str) or not secrets:
         raise ValueError("secrets must be a non-empty sequence of client secrets")
     h = _lowered(headers)
-    has_v3, has_sig = SIGNATURE_V3.lower() in h, SIGNATURE.lower() in h
-    if not has_sig and SIGNATURE_VERSION.lower() in h:
+    has_v3, has_sig = _SIG_V3 in h, _SIG in h
+    if not has_sig and _SIG_VERSION in h:
         raise SignatureError(f"missing {SIGNATURE} header")
     if not (has_v3 or has_sig):
         raise SignatureError("missing signature headers")
