@@ -527,7 +527,7 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="short smoke run (~15 s of load)")
-    p.add_argument("--requests", type=int, help="pre-signed requests for wrk (default 300000)")
+    p.add_argument("--requests", type=int, help="pre-signed requests for wrk (default 450000)")
     p.add_argument("--queues", type=int, default=1000, help="distinct workflowIds (queues)")
     p.add_argument("--body-size", type=int, default=1024, help="request body bytes")
     p.add_argument(
@@ -549,7 +549,7 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     args.duration = args.duration or (4.0 if args.quick else 20.0)
     args.half_duration = args.half_duration or (4.0 if args.quick else 20.0)
-    args.requests = args.requests or (60_000 if args.quick else 300_000)
+    args.requests = args.requests or (60_000 if args.quick else 450_000)
     return args
 
 
