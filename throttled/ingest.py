@@ -104,15 +104,10 @@ class Ingest:
                     continue
                 if self._linger_s and len(self._items) < self._batch_max and not self._closed:
                     await asyncio.sleep(self._linger_s)
-                if self._in_flight and len(self._items) < self._batch_max and not self._closed:
-                    # Another commit is under way: join in only once it has taken overlap_s.
-                    # Under load the rows it gathers make one bigger batch (less work per
-                    # row, in Python and in PostgreSQL) instead of several small ones, while
-                    # a slow commit still cannot hold the next one back for longer.
-                    wait = self._started + self._overlap_s - loop.time()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                        continue  # it may have finished, and its flusher taken the rows
+                wait = self._join_wait(loop.time())
+                if wait > 0:
+                    await asyncio.sleep(wait)  # (at most overlap_s: 100 ms)
+                    continue  # it may have finished, and its flusher taken the rows
                 batch = self._items[: self._batch_max]
                 del self._items[: self._batch_max]
                 self._in_flight += 1
@@ -128,6 +123,15 @@ class Ingest:
         finally:
             if writer is not None:
                 await writer.give_back()
+
+    def _join_wait(self, now: float) -> float:
+        """How long to wait before a commit beside one under way (<= 0: start now). One joins
+        in only once the other has taken overlap_s: under load the rows gathered meanwhile
+        make one bigger batch (less work per row, in Python and in PostgreSQL) instead of
+        several small ones, while a slow commit cannot hold the next one back for longer."""
+        if not self._in_flight or len(self._items) >= self._batch_max or self._closed:
+            return 0.0
+        return self._started + self._overlap_s - now
 
     async def _commit(self, writer: Repository | None, batch: list[_Item]) -> Repository | None:
         """Store a batch over the flusher's own connection and settle its submitters; return
