@@ -165,9 +165,6 @@ class Repository:
     ) -> None:
         self.pool = pool
         self._conn = conn
-        self._target: asyncpg.Pool | asyncpg.pool.PoolConnectionProxy = (
-            pool if conn is None else conn
-        )
 
     async def hold(self) -> Repository:
         """The same queries over one connection taken from the pool, for a caller that runs
@@ -180,7 +177,6 @@ class Repository:
         """Give a held connection back to the pool (a broken one is replaced by the pool)."""
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            self._target = self.pool
             with contextlib.suppress(DatabaseError), translate_errors():
                 await self.pool.release(conn)
 
@@ -210,11 +206,13 @@ class Repository:
 
     async def _execute(self, sql: str, *args: Any) -> str:
         with translate_errors():
-            return str(await self._target.execute(sql, *args))
+            target = self.pool if self._conn is None else self._conn
+            return str(await target.execute(sql, *args))
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         with translate_errors():
-            return list(await self._target.fetch(sql, *args))
+            target = self.pool if self._conn is None else self._conn
+            return list(await target.fetch(sql, *args))
 
     async def ping(self) -> None:
         """Raise DatabaseUnavailable unless a trivial query succeeds."""
