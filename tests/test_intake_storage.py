@@ -298,3 +298,39 @@ def test_policy_follows_the_rate_fields_and_only_them() -> None:
     # no rate fields, or a value that is not a rate: the defaults
     for fields in ({}, {"maxThroughput": "lots", "timeUnit": "seconds"}):
         assert (built(fields).policy["limit"], built(fields).policy["period_s"]) == (1, 86400.0)
+
+
+async def test_a_row_that_crashes_alone_leaves_no_submitter_waiting(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    insert = Repository.insert_actions
+
+    async def crashing(self: Repository, actions: list[NewAction], ids: list[int]) -> None:
+        if [a.callback_id for a in actions] == ["crash"]:
+            raise RuntimeError("a bug, not a database error")
+        await insert(self, actions, ids)
+
+    monkeypatch.setattr(Repository, "insert_actions", crashing)
+    async with Repository.open(db_url, min_size=1, max_size=3) as repo:
+        await _queue_id(repo)
+        ingest = Ingest(repo, batch_max=100, max_pending=100, flushers=1)
+        stop = asyncio.Event()
+        runner = asyncio.create_task(ingest.run(stop))
+        # the NUL row fails the batch (row by row next), then "crash" crashes on its own
+        actions = [
+            _action("good-1"),
+            _action("nul", input_fields={"x": "\x00"}),
+            _action("crash"),
+            _action("good-2"),
+        ]
+        results = await asyncio.wait_for(
+            asyncio.gather(*(ingest.submit(a) for a in actions), return_exceptions=True), 20
+        )
+        stop.set()
+        await runner
+        rows = await _rows(repo)
+    assert results[0] is None
+    assert isinstance(results[1], DatabaseError)
+    assert isinstance(results[2], DatabaseError)
+    assert results[3] is None
+    assert [r["callback_id"] for r in rows] == ["good-1", "good-2"]

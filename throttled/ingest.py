@@ -183,10 +183,10 @@ class Ingest:
 
     async def _flush_one_by_one(self, writer: Repository, batch: list[_Item]) -> bool:
         """A statement error (not an outage) isolates the bad row instead of failing the batch."""
-        for item in batch:
-            if not await self._flush(writer, [item]):
-                return False
-        return True
+        ok = True
+        for item in batch:  # every one, even after a crash: none may be left waiting
+            ok = await self._flush(writer, [item]) and ok
+        return ok
 
     async def _store(
         self, writer: Repository, actions: list[NewAction]
