@@ -191,12 +191,12 @@ class Ingest:
     async def _store(
         self, writer: Repository, actions: list[NewAction]
     ) -> tuple[set[int], list[QueueRow]]:
-        stale = {
-            a.queue_key: a
-            for a in actions
-            if (cached := self._queue_ids.get(a.queue_key)) is None
-            or (cached[1] is not a.policy and cached[1] != a.policy)
-        }
+        stale = self._stale(actions)
+        if stale:  # a redelivered action must not re-resolve its queue: no side effect at all
+            known = await writer.stored_callbacks([a.callback_id for a in actions])
+            if known:
+                actions = [a for a in actions if a.callback_id not in known]
+                stale = self._stale(actions)
         changed: list[QueueRow] = []
         if stale:
             fresh = await writer.upsert_queues(
@@ -208,8 +208,18 @@ class Ingest:
                 self._queue_ids[row.key] = (row.id, stale[row.key].policy)
                 changed.append(row)
         ids = [self._queue_ids[a.queue_key][0] for a in actions]
-        await writer.insert_actions(actions, ids)
+        if actions:
+            await writer.insert_actions(actions, ids)
         return set(ids), changed
+
+    def _stale(self, actions: list[NewAction]) -> dict[str, NewAction]:
+        """Per queue key, the batch's last action whose queue is new or whose policy changed."""
+        return {
+            a.queue_key: a
+            for a in actions
+            if (cached := self._queue_ids.get(a.queue_key)) is None
+            or (cached[1] is not a.policy and cached[1] != a.policy)
+        }
 
 
 def _settle(batch: list[_Item], exc: BaseException | None) -> None:

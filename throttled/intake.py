@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -9,11 +10,14 @@ import structlog
 
 from throttled import metrics, rates
 from throttled.db.repository import NewAction
-from throttled.hubspot.action import ActionRequest
+from throttled.hubspot.action import ActionRequest, PayloadError
 
 log = structlog.get_logger(__name__)
 
 PRIORITY_RANGE = (-1_000_000, 1_000_000)
+MAX_STORED_TEXT = 255  # characters in a stored input value (a queue name among them)
+# The latest deadline stored: one every part of throttled can decode and evaluate.
+MAX_DEADLINE = rates.HORIZON_EPOCH
 # The input fields kept with each stored action: the ones throttled reads (rate, schedule,
 # priority, shared queue), which explain the policy it got. A workflow may map anything else
 # into its inputs, contact data included; that is HubSpot's to keep, not ours.
@@ -46,7 +50,7 @@ class Intake:
             queue_key=request.queue_key(),
             portal_id=request.portal_id,
             priority=self._priority(request),
-            deadline=self._clock() + self._expiry_s,
+            deadline=min(self._clock() + self._expiry_s, MAX_DEADLINE),
             policy=self._policy(request, stored),
             workflow_id=request.workflow_id,
             object_type=request.object_type,
@@ -56,8 +60,9 @@ class Intake:
 
     def _policy(self, request: ActionRequest, stored: dict[str, Any]) -> dict[str, Any]:
         admin = self.action_configs.get((request.portal_id, request.action_definition_id))
-        # Keyed on the rate fields given (stored holds them, with priority and queueName).
-        rate_fields = tuple([item for item in stored.items() if item[0] not in _NOT_RATE])
+        # Keyed on the rate fields given (stored holds them, with priority and queueName),
+        # types included: True == 1 and 1.0 == 1, but they do not parse alike.
+        rate_fields = tuple([(k, v.__class__, v) for k, v in stored.items() if k not in _NOT_RATE])
         cache_key = (rate_fields, id(admin))
         cached = self._policy_cache.get(cache_key)
         if cached is not None:
@@ -78,16 +83,42 @@ class Intake:
         raw = request.input_fields.get("priority")
         if raw is None or raw == "":
             return 0
-        try:
-            value = int(str(raw).strip())
-        except ValueError:
+        value = _integer(raw)
+        if value is None:
             metrics.INPUT_PROBLEMS.inc()
-            log.warning("input_field_invalid", problem=f"inputFields.priority: {raw!r}")
+            log.warning(
+                "input_field_invalid",
+                portal_id=request.portal_id,
+                problem=f"inputFields.priority: {raw!r} is not an integer",
+            )
             return 0
         return max(PRIORITY_RANGE[0], min(PRIORITY_RANGE[1], value))
 
 
+def _integer(raw: Any) -> int | None:
+    """An integer from an int, an integral float or a plain integer string; else None."""
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, float):
+        return int(raw) if raw.is_integer() else None  # (finite: parse() admits no inf)
+    text = raw.strip() if isinstance(raw, str) else ""
+    return int(text) if _INTEGER_TEXT.fullmatch(text) else None
+
+
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,18}")
+
+
 def _stored_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The input fields kept with the row; a long text among them is refused (400), so every
+    stored string is bounded (a queue name ends up in an indexed key)."""
     if not fields:
         return {}
-    return {k: v for k, v in fields.items() if k in STORED_INPUT_KEYS and v is not None}
+    stored = {k: v for k, v in fields.items() if k in STORED_INPUT_KEYS and v is not None}
+    for key, value in stored.items():
+        if type(value) is str and len(value) > MAX_STORED_TEXT:
+            raise PayloadError(
+                f"inputFields.{key}", f"must be at most {MAX_STORED_TEXT} characters"
+            )
+    return stored

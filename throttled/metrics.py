@@ -75,6 +75,13 @@ GC_PAUSE = Counter(
 GC_LONGEST_PAUSE = Gauge(
     "throttled_gc_longest_pause_seconds", "Longest single garbage-collection pause so far."
 )
+QUEUE_POLICY_ERRORS = Counter(
+    "throttled_queue_policy_errors_total",
+    "Queues held because their stored rate policy could not be evaluated.",
+)
+QUEUES_HELD = Gauge(
+    "throttled_queues_held_by_policy", "Queues held now: their policy cannot be evaluated."
+)
 QUEUES_AT_RISK = Gauge(
     "throttled_queues_past_deadline", "Queues whose backlog will not drain before its deadline."
 )

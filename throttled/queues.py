@@ -2,10 +2,85 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from throttled import rates
+import structlog
+
+from throttled import metrics, rates
+
+log = structlog.get_logger(__name__)
+
+_PLACEHOLDER = rates.RatePolicy(limit=1, period_s=1.0)  # of a queue held from the start
+
+
+class QueueLimiter(rates.Limiter):
+    """A queue's limiter that contains faults: a policy that cannot be evaluated holds its
+    queue (nothing is released, its actions wait, pending) and is reported, instead of
+    raising into the scheduler, a sender or maintenance. A new policy ends the hold."""
+
+    def __init__(self, policy: rates.RatePolicy | None, *, key: str) -> None:
+        super().__init__(policy or _PLACEHOLDER)
+        self.key = key
+        self.fault: str | None = None
+
+    def set_policy(self, policy: rates.RatePolicy) -> None:
+        """Change the rate and end any hold."""
+        super().set_policy(policy)
+        self.fault = None
+
+    def hold(self, reason: str) -> None:
+        """Hold the queue: its policy cannot be evaluated."""
+        if self.fault is None:
+            metrics.QUEUE_POLICY_ERRORS.inc()
+            log.error("queue_policy_held", queue=self.key, reason=reason[:300])
+        self.fault = reason
+
+    def allowance(self, at: float) -> int:
+        """As Limiter.allowance; 0 while held."""
+        if self.fault is None:
+            try:
+                return super().allowance(at)
+            except Exception as exc:  # contained: the rest of the daemon goes on
+                self._failed("allowance", at, exc)
+        return 0
+
+    def earliest(self, at: float) -> float:
+        """As Limiter.earliest; never (inf) while held."""
+        if self.fault is None:
+            try:
+                return super().earliest(at)
+            except Exception as exc:
+                self._failed("earliest", at, exc)
+        return math.inf
+
+    def plan(self, at: float, horizon_s: float, max_n: int) -> list[float]:
+        """As Limiter.plan; nothing while held."""
+        if self.fault is None:
+            try:
+                return super().plan(at, horizon_s, max_n)
+            except Exception as exc:
+                self._failed("plan", at, exc)
+        return []
+
+    def backlog_eta(self, at: float, backlog: int) -> float:
+        """As Limiter.backlog_eta; never (inf) while held."""
+        if self.fault is None:
+            try:
+                return super().backlog_eta(at, backlog)
+            except Exception as exc:
+                self._failed("backlog_eta", at, exc)
+        return math.inf
+
+    def describe(self) -> str:
+        """The rate, or why the queue is held."""
+        if self.fault is not None:
+            return f"held: {self.fault}"
+        return self.policy.describe()
+
+    def _failed(self, method: str, at: float, exc: Exception) -> None:
+        self.hold(f"{method}({at!r}) raised {type(exc).__name__}: {exc}")
 
 
 @dataclass(eq=False, slots=True)
@@ -15,7 +90,7 @@ class QueueState:
     id: int
     key: str
     portal_id: int
-    limiter: rates.Limiter
+    limiter: QueueLimiter
     stored_policy: dict[str, Any]
     override: dict[str, Any] | None = None
     in_sender: int = 0  # claimed rows the sender holds, not yet dispatched

@@ -17,6 +17,16 @@ Schedule conventions (local wall times in the schedule's IANA zone):
 * A wall time skipped by a DST change (02:30 on a spring-forward day) maps to the first
   valid instant after the gap (03:00 EDT). A wall time that occurs twice (fall-back) means
   its first occurrence, so every day's window opens once and is one interval.
+
+Bounds (every value is bounded where it enters, so that whatever is accepted can be
+evaluated at every instant up to the end of year 9999):
+
+* Schedules are evaluated up to HORIZON (9999-12-01 UTC): a days/hours schedule has no
+  window after it (a queue whose next opening would be later never opens), and instants
+  past it are never turned into dates. Instants before 1970 are taken as 1970.
+* A start instant is accepted between 1970-01-01 and HORIZON; a limit is 1..MAX_LIMIT and
+  a period MIN_PERIOD_S..MAX_PERIOD_S, at intake and in a stored policy alike.
+* Every parser raises ValueError only; anything else is a bug.
 """
 
 from __future__ import annotations
@@ -38,6 +48,10 @@ _T = TypeVar("_T")
 ALL_DAYS: frozenset[int] = frozenset(range(7))
 MAX_LIMIT = 1_000_000
 MAX_PERIOD_S = 366 * 86_400.0
+MIN_PERIOD_S = 0.001
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+HORIZON = datetime(9999, 12, 1, tzinfo=UTC)
+HORIZON_EPOCH = HORIZON.timestamp()
 UNIT_SECONDS: Mapping[str, float] = {
     "second": 1.0,
     "seconds": 1.0,
@@ -54,8 +68,10 @@ _DAY_ABBR = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _ONE_DAY = timedelta(days=1)
 _WEEK_S = 7 * 86_400.0
 _SCAN_DAYS = 16  # covers a full week plus a week whose window a DST gap erased
-_MAX_EPOCH = 253_000_000_000.0  # just below datetime.max as epoch seconds
-_CLOCK = r"(\d{1,2}):(\d{2})(?::(\d{2}))?"
+_CLOCK = r"([0-9]{1,2}):([0-9]{2})(?::([0-9]{2}))?"
+_NUMBER_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
+_MAX_NUMBER_TEXT = 40
+_MAX_PLAN_STEPS = 64  # plan(): extra steps allowed beyond one per send (never expected)
 _HOURS_RE = re.compile(rf"\s*{_CLOCK}\s*[-–]\s*{_CLOCK}\s*")
 
 
@@ -106,8 +122,9 @@ def _gap_end(local: datetime, zone: ZoneInfo) -> datetime:
 
 
 def _utc_floor(epoch: float) -> datetime:
-    """The UTC datetime at or just before an epoch instant (microsecond grid)."""
-    d = datetime.fromtimestamp(epoch, UTC)
+    """The UTC datetime at or just before an epoch instant (microsecond grid), within
+    1970..HORIZON."""
+    d = datetime.fromtimestamp(min(max(epoch, 0.0), HORIZON_EPOCH), UTC)
     return d - timedelta(microseconds=1) if d.timestamp() > epoch else d
 
 
@@ -197,6 +214,8 @@ class ReleaseSchedule:
             t = self.start_at
         if self.always_open:
             return t
+        if t >= HORIZON:
+            return None
         return next((max(s, t) for s, e in self._windows(t) if e > t), None)
 
     def next_close(self, t: datetime) -> datetime | None:
@@ -245,11 +264,14 @@ class ReleaseSchedule:
         )
 
     def _windows(self, t: datetime) -> Iterator[tuple[datetime, datetime]]:
-        """Open windows (UTC, ascending) of the days from the local day before t onwards."""
+        """Open windows (UTC, ascending) of the days from the local day before t onwards,
+        none starting after HORIZON (t is before it: every date here is representable)."""
         zone = ZoneInfo(self.tz)
         first = t.astimezone(zone).date() - _ONE_DAY
         for offset in range(_SCAN_DAYS):
             window = self._window(first + offset * _ONE_DAY, zone)
+            if window is not None and window[0] >= HORIZON:
+                return
             if window is not None:
                 yield window
 
@@ -276,11 +298,16 @@ class RatePolicy:
 
     def __post_init__(self) -> None:
         """Validate and normalise period_s to float."""
-        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1:
-            raise ValueError(f"limit must be an integer >= 1, got {self.limit!r}")
+        limit = self.limit
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+            raise ValueError(f"limit must be an integer 1..{MAX_LIMIT}, got {limit!r}")
+        if isinstance(self.period_s, bool) or not isinstance(self.period_s, int | float):
+            raise ValueError(f"period_s must be a number, got {self.period_s!r}")
         period = float(self.period_s)
-        if not (math.isfinite(period) and period > 0):
-            raise ValueError(f"period_s must be a positive number, got {self.period_s!r}")
+        if not MIN_PERIOD_S <= period <= MAX_PERIOD_S:  # (False for NaN too)
+            raise ValueError(
+                f"period_s must be {MIN_PERIOD_S:g}..{MAX_PERIOD_S:g} seconds, got {period!r}"
+            )
         object.__setattr__(self, "period_s", period)
         if self.pacing not in _PACINGS:
             raise ValueError(f"pacing must be 'window' or 'even', got {self.pacing!r}")
@@ -334,11 +361,16 @@ class PolicySpec:
 
 
 def _number(value: Any) -> float | None:
-    """A finite number from an int, float or numeric string; None otherwise."""
+    """A finite number from an int, a float or a plain decimal string (ASCII digits, at most
+    40 characters: no '1_000', '²', 'inf' or hex); None otherwise."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         return None
+    if isinstance(value, str):
+        value = value.strip()
+        if len(value) > _MAX_NUMBER_TEXT or not _NUMBER_RE.fullmatch(value):
+            return None
     try:
-        number = float(value.strip() if isinstance(value, str) else value)
+        number = float(value)
     except (ValueError, OverflowError):
         return None
     return number if math.isfinite(number) else None
@@ -445,7 +477,21 @@ def parse_timezone(value: Any) -> str:
 
 
 def parse_start_at(value: Any, tz: str | None = None) -> datetime:
-    """An ISO-8601 instant (or datetime/date); naive values are local to tz (default UTC)."""
+    """An ISO-8601 instant (or datetime/date) between 1970-01-01 and HORIZON; naive values
+    are local to tz (default UTC)."""
+    try:
+        moment = _start_instant(value, tz)
+    except OverflowError:  # a local time or offset that leaves the datetime range
+        moment = None
+    if moment is None or not EPOCH <= moment <= HORIZON:
+        raise ValueError(
+            f"{value!r} is not a date-time between {EPOCH.date()} and {HORIZON.date()}"
+        ) from None
+    return moment
+
+
+def _start_instant(value: Any, tz: str | None) -> datetime:
+    """The UTC instant of a start value (may raise OverflowError near the datetime range)."""
     if isinstance(value, datetime):
         moment = value
     elif isinstance(value, date):
@@ -522,7 +568,7 @@ class _Reader:
             return None
         try:
             return parse(found[1])
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:  # (parsers raise ValueError only)
             self.report(found[0], str(exc))
             return None
 
@@ -545,9 +591,9 @@ def _read_rate(r: _Reader) -> tuple[int | None, float | None]:
     if limit is None or unit is None or (count is None and r.find("count") is not None):
         return None, None
     period = (count or 1.0) * unit
-    if period > MAX_PERIOD_S:
+    if not MIN_PERIOD_S <= period <= MAX_PERIOD_S:
         name, value = r.find("count") or r.find("unit") or ("", None)
-        r.report(name, f"{value!r} gives {period / 86_400:g} days, more than 366 days")
+        r.report(name, f"{value!r} gives {period:g} s; a period is 0.001 s to 366 days")
         return None, None
     return limit, period
 
@@ -709,7 +755,9 @@ class Limiter:
         """Dispatch instants in [at, at + horizon_s) for up to max_n sends (log untouched)."""
         sim, end, t = self._copy(), at + horizon_s, at
         out: list[float] = []
-        while len(out) < max_n:
+        for _ in range(max_n + _MAX_PLAN_STEPS):  # bounded: never a spin, whatever the floats
+            if len(out) >= max_n:
+                break
             t = sim.earliest(t)
             if t >= end:
                 break
@@ -822,7 +870,7 @@ class Limiter:
         if weekly <= 0:
             return math.inf
         weeks = max(math.ceil(busy / weekly) - 1, 0)
-        if start + weeks * _WEEK_S > _MAX_EPOCH - 2 * _WEEK_S:
+        if start + weeks * _WEEK_S > HORIZON_EPOCH - 2 * _WEEK_S:
             return start + busy * _WEEK_S / weekly
         t, left = start + weeks * _WEEK_S, busy - weeks * weekly
         for _ in range(4 * _SCAN_DAYS):

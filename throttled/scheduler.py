@@ -19,7 +19,7 @@ import structlog
 
 from throttled import metrics, rates
 from throttled.db.repository import ClaimedAction, DatabaseError, QueueRow, Repository
-from throttled.queues import QueueState, effective_policy
+from throttled.queues import QueueLimiter, QueueState, effective_policy
 from throttled.sender import Dispatcher, Hooks, _wait
 
 log = structlog.get_logger(__name__)
@@ -65,6 +65,9 @@ class Scheduler(Hooks):
         dispatcher.hooks = self
         metrics.ACTIVE_QUEUES.read = lambda: float(sum(q.active for q in self.queues.values()))
         metrics.QUEUES_AT_RISK.read = lambda: float(len(self.at_risk))
+        metrics.QUEUES_HELD.read = lambda: float(
+            sum(q.limiter.fault is not None for q in self.queues.values())
+        )
 
     # -- events from ingest and the senders (synchronous, cheap) ----------------------------
 
@@ -132,21 +135,24 @@ class Scheduler(Hooks):
         log.info("scheduler_recovered", active_queues=len(rows), reclaimed=sum(recovered.values()))
 
     def _track(self, row: QueueRow) -> QueueState:
-        policy = _safe_policy(row)
+        policy, fault = _safe_policy(row)
         queue = self.queues.get(row.id)
         if queue is None:
             queue = QueueState(
                 id=row.id,
                 key=row.key,
                 portal_id=row.portal_id,
-                limiter=rates.Limiter(policy),
+                limiter=QueueLimiter(policy, key=row.key),
                 stored_policy=row.policy,
                 override=row.override,
             )
             self.queues[row.id] = queue
         else:
             queue.stored_policy, queue.override = row.policy, row.override
-            queue.limiter.set_policy(policy)
+            if policy is not None:
+                queue.limiter.set_policy(policy)
+        if fault is not None:
+            queue.limiter.hold(fault)
         return queue
 
     # -- the loop ------------------------------------------------------------------------------
@@ -162,6 +168,9 @@ class Scheduler(Hooks):
 
     async def _loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            # Cleared before the pass, not after: a notify() that lands while the pass
+            # awaits (loading new queues, say) keeps the event set, so it is not slept past.
+            self._wake.clear()
             try:
                 if self._claim_error is not None:
                     error, self._claim_error = self._claim_error, None
@@ -173,7 +182,6 @@ class Scheduler(Hooks):
                 log.warning("scheduler_db_error", error=str(exc))
                 await _wait(stop, 1.0)
                 continue
-            self._wake.clear()
             timeout = self._heap[0][0] - self._clock() if self._heap else None
             if self._busy["bulk"]:
                 timeout = None  # a new action (notify) or a finishing claim sets the wake event
@@ -331,9 +339,15 @@ class Scheduler(Hooks):
                 queue.active = False
 
 
-def _safe_policy(row: QueueRow) -> rates.RatePolicy:
+def _safe_policy(row: QueueRow) -> tuple[rates.RatePolicy | None, str | None]:
+    """(policy, None), or (None, why) when the stored policy cannot be read: that queue is
+    held, never the daemon stopped. An unreadable override falls back to the stored policy."""
     try:
-        return effective_policy(row.policy, row.override)
-    except (ValueError, KeyError, TypeError) as exc:
-        log.error("queue_policy_invalid", queue_id=row.id, error=str(exc))
-        return rates.RatePolicy.from_json(row.policy)
+        return effective_policy(row.policy, row.override), None
+    except Exception as exc:  # a stored row: anything may be in it
+        if row.override is not None:
+            log.error("queue_override_invalid", queue=row.key, error=str(exc)[:300])
+    try:
+        return rates.RatePolicy.from_json(row.policy), None
+    except Exception as exc:
+        return None, f"stored policy unreadable: {type(exc).__name__}: {str(exc)[:200]}"

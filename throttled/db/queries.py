@@ -1,4 +1,12 @@
-"""Every SQL statement throttled issues, in one place. Parameters are `$n` (asyncpg)."""
+"""Every SQL statement throttled issues, in one place. Parameters are `$n` (asyncpg).
+
+Timestamps that a stored row may carry out of Python's range (a deadline written by an
+older version or by hand: PostgreSQL holds years up to 294276, a datetime only up to 9999)
+are clamped where they are read, so no row can fail to decode.
+"""
+
+# The latest instant read back (rates.HORIZON): every timestamp throttled decodes fits.
+_HORIZON = "'9999-12-01 00:00:00+00'::timestamptz"
 
 # -- intake ---------------------------------------------------------------------------------
 
@@ -8,6 +16,8 @@ SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[])
 ON CONFLICT (key) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()
 RETURNING id, key, portal_id, policy, override, created_at
 """
+
+STORED_CALLBACKS = "SELECT callback_id FROM actions WHERE callback_id = ANY($1::text[])"
 
 # $1 is one JSON array of rows, each an array of the nine values in column order (deadline
 # in Unix seconds), as text: one document, encoded by orjson, is far cheaper than nine
@@ -24,7 +34,7 @@ ON CONFLICT (callback_id) DO NOTHING
 # -- scheduling -----------------------------------------------------------------------------
 
 # Queues due at the same moment claim together: one statement, one LATERAL pick per queue.
-CLAIM = """
+CLAIM = f"""
 WITH req AS (
     SELECT * FROM unnest($1::bigint[], $2::int[]) AS r(queue_id, lim)
 ), picked AS (
@@ -41,15 +51,15 @@ WITH req AS (
 )
 UPDATE actions a SET state = 'claimed', claimed_at = now()
 FROM picked WHERE a.id = picked.id
-RETURNING a.id, a.callback_id, a.queue_id, a.portal_id, a.priority, a.deadline,
-          a.attempts, a.failures, a.split_group
+RETURNING a.id, a.callback_id, a.queue_id, a.portal_id, a.priority,
+          LEAST(a.deadline, {_HORIZON}) AS deadline, a.attempts, a.failures, a.split_group
 """
 
 # When each queue's earliest held-back row becomes claimable (retry backoff), for queues
 # whose claim came back short. A backoff that ended between the claim and this query is
 # returned too (in the past): the queue re-arms at once instead of going idle.
-NEXT_NOT_BEFORE = """
-SELECT queue_id, min(not_before) AS at
+NEXT_NOT_BEFORE = f"""
+SELECT queue_id, LEAST(min(not_before), {_HORIZON}) AS at
 FROM actions
 WHERE queue_id = ANY($1::bigint[]) AND state = 'pending' AND not_before IS NOT NULL
   AND deadline > now()
@@ -121,20 +131,21 @@ WITH r AS (
 SELECT queue_id, count(*)::int AS n FROM r GROUP BY queue_id
 """
 
-RECENT_SENDS = """
-SELECT queue_id, sent_at, count(*)::int AS n FROM actions
+RECENT_SENDS = f"""
+SELECT queue_id, LEAST(sent_at, {_HORIZON}) AS sent_at, count(*)::int AS n FROM actions
 WHERE sent_at > $1 AND state IN ('done', 'failed')
 GROUP BY queue_id, sent_at
 UNION ALL
-SELECT queue_id, sent_at, n FROM queue_sends WHERE sent_at > $1
+SELECT queue_id, LEAST(sent_at, {_HORIZON}), n FROM queue_sends WHERE sent_at > $1
 """
 
-RECENT_SENDS_FOR = """
-SELECT queue_id, sent_at, count(*)::int AS n FROM actions
+RECENT_SENDS_FOR = f"""
+SELECT queue_id, LEAST(sent_at, {_HORIZON}) AS sent_at, count(*)::int AS n FROM actions
 WHERE queue_id = ANY($2::bigint[]) AND sent_at > $1 AND state IN ('done', 'failed')
 GROUP BY queue_id, sent_at
 UNION ALL
-SELECT queue_id, sent_at, n FROM queue_sends WHERE queue_id = ANY($2::bigint[]) AND sent_at > $1
+SELECT queue_id, LEAST(sent_at, {_HORIZON}), n FROM queue_sends
+WHERE queue_id = ANY($2::bigint[]) AND sent_at > $1
 """
 
 EXPIRE_DUE = """
@@ -184,8 +195,8 @@ WHERE portal_id = $1
 
 PING = "SELECT 1"
 
-PENDING_BY_QUEUE = """
-SELECT queue_id, count(*)::int AS pending, max(deadline) AS latest_deadline
+PENDING_BY_QUEUE = f"""
+SELECT queue_id, count(*)::int AS pending, LEAST(max(deadline), {_HORIZON}) AS latest_deadline
 FROM actions WHERE state = 'pending' GROUP BY queue_id
 """
 

@@ -227,6 +227,11 @@ class Repository:
         rows = await self._fetch(q.UPSERT_QUEUES, keys, portals, policies)
         return [QueueRow.from_row(r) for r in rows]
 
+    async def stored_callbacks(self, callback_ids: Sequence[str]) -> set[str]:
+        """Which of these callback ids are already stored."""
+        rows = await self._fetch(q.STORED_CALLBACKS, callback_ids)
+        return {r["callback_id"] for r in rows}
+
     async def insert_actions(self, actions: Sequence[NewAction], queue_ids: Sequence[int]) -> None:
         """Store actions in one statement; duplicates (same callback_id) are ignored."""
         rows = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import orjson
 
 _INT64 = (-(2**63), 2**63 - 1)
+_INT_TEXT = re.compile(r"\s*-?[0-9]{1,19}\s*")  # ASCII digits only: no '²', '--5' or 5,000 digits
 MAX_CALLBACK_ID = 255
 
 
@@ -40,8 +42,8 @@ class ActionRequest:
     def queue_name(self) -> str | None:
         """The shared queue named by the step's `queueName` input field, if any."""
         value = self.input_fields.get("queueName")
-        if isinstance(value, str | int) and str(value).strip():
-            return str(value).strip()
+        if isinstance(value, str | int) and not isinstance(value, bool) and str(value).strip():
+            return str(value).strip()  # (its length is bounded at intake)
         return None
 
     def queue_key(self) -> str:
@@ -120,7 +122,7 @@ def _int(doc: Mapping[str, Any], key: str, where: str, *, positive: bool = False
         return value  # the usual case, checked first
     if value is None:
         raise PayloadError(f"{where}.{key}", "is required")
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise PayloadError(f"{where}.{key}", "must be an integer")
