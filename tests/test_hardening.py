@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import action_payload, make_config, running, wait_for
 from throttled import metrics, rates
 from throttled.daemon import maintain_once
+from throttled.hubspot import client
 from throttled.hubspot.action import PayloadError, parse
 from throttled.intake import Intake
 from throttled.queues import QueueLimiter
@@ -293,3 +294,69 @@ async def test_a_duplicate_has_no_side_effect_on_its_queue(daemon_factory, db_ur
         ("queue:62515:named:dup", 100, 86400.0)
     ]
     assert _sql(db_url, "SELECT count(*) FROM actions") == [(1,)]
+
+
+# -- what HubSpot answers is outside input too -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [
+        ("120", 120.0),
+        (" 7 ", 7.0),
+        ("99999999999", 86400.0),
+        ("²", None),
+        ("inf", None),
+        ("1e400", None),
+        ("-5", None),
+        ("nan", None),
+        ("", None),
+        ("Thu, 01 Jan 2027 00:00:10 GMT", 10.0),
+        ("Thu, 01 Jan 1970 00:00:00 GMT", 0.0),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", 86400.0),
+        ("Mon, 99 Foo 2027 25:61:61 GMT", None),
+    ],
+)
+def test_retry_after_is_bounded(raw: str, seconds: float | None) -> None:
+    now = datetime(2027, 1, 1, tzinfo=UTC).timestamp()
+    assert client.retry_after_s(raw, now) == seconds
+
+
+def test_rate_limit_headers_and_bodies_that_are_not_numbers_are_ignored() -> None:
+    headers = {"X-HubSpot-RateLimit-Interval-Milliseconds": "²", "Retry-After": "inf"}
+    result = client._result(429, headers, "[" * 100_000)
+    assert (result.rate_interval_s, result.retry_after_s, result.policy_name) == (None, None, None)
+    assert client._result(429, {"X-HubSpot-RateLimit-Interval-Milliseconds": "10000"}, "") == (
+        client.CompletionResult(status=429, rate_interval_s=10.0)
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"access_token": "a", "expires_in": Infinity}',
+        '{"access_token": "a", "expires_in": 1e400}',
+        '{"access_token": "a", "expires_in": NaN}',
+        '{"access_token": "a", "expires_in": 1800, "hub_id": Infinity}',
+        '{"access_token": "a", "expires_in": 1800, "hub_id": "²"}',
+        "[" * 100_000,
+    ],
+)
+def test_a_token_answer_out_of_bounds_is_a_token_error(body: str) -> None:
+    with pytest.raises(client.TokenError):
+        client._token_response(body, "old")
+
+
+def test_token_lifetimes_are_bounded() -> None:
+    long = client._token_response('{"access_token": "a", "expires_in": 1e300}', "old")
+    assert long.expires_in == client.MAX_TOKEN_LIFETIME_S
+    assert client._token_response('{"access_token": "a", "expires_in": -9}', "o").expires_in == 0
+
+
+async def test_a_429_with_an_infinite_retry_after_does_not_stop_the_sender(
+    daemon_factory, fake_hubspot
+):
+    async with daemon_factory(sender={"portal_interval_seconds": 1.0}) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        fake_hubspot.fail_next(429, retry_after=math.inf)
+        await _completes(daemon, fake_hubspot)

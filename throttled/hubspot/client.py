@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
+import math
+import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -36,6 +40,12 @@ class TokenResponse:
     refresh_token: str
     expires_in: float
     hub_id: int | None
+
+
+# What HubSpot answers is outside input too: every value taken from it is bounded here.
+MAX_RETRY_AFTER_S = 86_400.0  # a DAILY limit resets within a day
+MAX_TOKEN_LIFETIME_S = 86_400.0  # HubSpot grants 30 minutes
+_DIGITS = re.compile(r"[0-9]{1,12}")
 
 
 class TokenError(Exception):
@@ -134,39 +144,50 @@ class HubSpotClient:
         return _token_response(text, refresh_token)
 
 
+def retry_after_s(raw: str | None, now: float) -> float | None:
+    """Retry-After as seconds within 0..MAX_RETRY_AFTER_S: delay-seconds or an HTTP-date
+    (RFC 9110); None if absent or unreadable."""
+    if not raw:
+        return None
+    text = raw.strip()
+    if _DIGITS.fullmatch(text):
+        return min(float(text), MAX_RETRY_AFTER_S)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return min(max(when.timestamp() - now, 0.0), MAX_RETRY_AFTER_S)
+
+
 def _result(status: int, headers: Any, text: str) -> CompletionResult:
-    retry_after: float | None = None
-    raw = headers.get("Retry-After")
-    if raw:
-        try:
-            retry_after = max(0.0, float(raw))
-        except ValueError:
-            retry_after = None
-    interval_ms = headers.get("X-HubSpot-RateLimit-Interval-Milliseconds")
-    policy = None
-    if text:
-        try:
-            doc = json.loads(text)
-            policy = doc.get("policyName") if isinstance(doc, dict) else None
-        except json.JSONDecodeError:
-            pass
+    retry_after = retry_after_s(headers.get("Retry-After"), time.time())
+    interval_ms = headers.get("X-HubSpot-RateLimit-Interval-Milliseconds") or ""
+    doc = _json(text)
+    policy = doc.get("policyName") if isinstance(doc, dict) else None
     return CompletionResult(
         status=status,
         message=_error_message(text) if status >= 300 else "",
         retry_after_s=retry_after,
-        policy_name=policy,
-        rate_interval_s=float(interval_ms) / 1000
-        if interval_ms and interval_ms.isdigit()
+        policy_name=policy if isinstance(policy, str) else None,
+        rate_interval_s=min(int(interval_ms) / 1000, MAX_RETRY_AFTER_S)
+        if _DIGITS.fullmatch(interval_ms) and int(interval_ms) > 0
         else None,
     )
 
 
+def _json(text: str) -> Any:
+    """A response body as JSON; None if it is not (too deep, too big a number, or not JSON)."""
+    try:
+        return json.loads(text) if text else None
+    except (ValueError, RecursionError):  # (JSONDecodeError is a ValueError)
+        return None
+
+
 def _error_message(text: str) -> str:
     """HubSpot's error message, without echoing anything that could be a credential."""
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
-        return text[:300]
+    doc = _json(text)
     if isinstance(doc, dict):
         parts = [str(doc.get(k)) for k in ("category", "status", "message") if doc.get(k)]
         return ": ".join(parts)[:500]
@@ -176,13 +197,17 @@ def _error_message(text: str) -> str:
 def _token_response(text: str, old_refresh: str) -> TokenResponse:
     try:
         doc = json.loads(text)
+        expires_in = float(doc["expires_in"])
+        if not math.isfinite(expires_in):
+            raise ValueError(expires_in)
+        hub_id = doc.get("hub_id")
         return TokenResponse(
             access_token=str(doc["access_token"]),
             refresh_token=str(doc.get("refresh_token") or old_refresh),
-            expires_in=float(doc["expires_in"]),
-            hub_id=int(doc["hub_id"]) if doc.get("hub_id") is not None else None,
+            expires_in=min(max(expires_in, 0.0), MAX_TOKEN_LIFETIME_S),
+            hub_id=None if hub_id is None else int(hub_id),
         )
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError, RecursionError):
         raise TokenError(
             "token endpoint answered with an unexpected body", permanent=False
         ) from None
