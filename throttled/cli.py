@@ -5,35 +5,108 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import signal
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+import structlog
 
 from throttled import config as config_module
 from throttled import logs
-from throttled.config import Config, ConfigError
+from throttled.config import Config, ConfigError, brief
+
+MAX_PORTAL_ID = 2**63 - 1
+MAX_BODY_BYTES = 16 << 20
+MAX_TOKEN_CHARS = 4096
+
+log = structlog.get_logger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    """Entry point of the console script: any error is one line on stderr and exit 2."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args.func(args))
-    except (ConfigError, _Fatal) as exc:
-        print(f"throttled: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # every command ends here: one line, never a traceback
+        _report(args, exc)
+        return 2
 
 
 class _Fatal(Exception):
     """An error to print and exit 2."""
 
 
+def _report(args: argparse.Namespace, exc: Exception) -> None:
+    """Print the error as one line; an unexpected one's traceback goes to the log."""
+    leaf = _leaf(exc)
+    try:
+        message = _known_message(leaf)
+    except Exception:  # a broken installation: the error types cannot even be imported
+        message = None
+    if message is None:
+        if getattr(args, "logging_ready", False):
+            log.error("command_failed", command=args.command, exc_info=leaf)
+        message = f"internal error: {type(leaf).__name__}: {leaf}"
+    print(f"throttled: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups, e.g. from a TaskGroup."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _known_message(exc: BaseException) -> str | None:
+    """The operator's message for the project's own errors; None for an unexpected one."""
+    from throttled.crypto import CryptoError
+    from throttled.daemon import StartupError
+    from throttled.db.migrate import MigrationError
+    from throttled.db.repository import DatabaseError, DatabaseUnavailable
+
+    if isinstance(exc, DatabaseUnavailable):
+        return f"database unavailable: {exc}"
+    if isinstance(exc, DatabaseError):
+        return f"database error: {exc}"
+    if isinstance(exc, ConfigError | _Fatal | StartupError | MigrationError | CryptoError):
+        return str(exc)
+    if isinstance(exc, OSError):  # e.g. the listen address is in use
+        return str(exc)
+    return None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print one line and exit 2."""
+        self.exit(2, f"throttled: {message} (see: {self.prog} --help)\n")
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: an integer lo..hi."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = lo - 1
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer {lo}..{hi}, got {brief(text)}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="throttled", description=__doc__)
+    parser = _Parser(prog="throttled", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, func: object, help_text: str) -> argparse.ArgumentParser:
@@ -59,33 +132,40 @@ def _parser() -> argparse.ArgumentParser:
     sign.add_argument("--v3", action="store_true", help="also add the v3 signature and timestamp")
     sign.add_argument("--curl", action="store_true", help="print a complete curl command")
     demo = command("demo", _demo, "mock mode: send actions to a few queues and watch them drain")
-    demo.add_argument("--per-queue", type=int, default=30, help="actions per queue")
+    demo.add_argument(
+        "--per-queue", type=_int_in(1, 10_000), default=30, help="actions per queue (1..10000)"
+    )
     portals = sub.add_parser("portals", help="manage connected HubSpot portals")
     portals_sub = portals.add_subparsers(dest="portals_command", required=True)
     connect = portals_sub.add_parser(
         "connect", help="store a portal's OAuth refresh token (encrypted)"
     )
     connect.add_argument("--config")
-    connect.add_argument("--portal-id", type=int, required=True)
+    connect.add_argument("--portal-id", type=_int_in(1, MAX_PORTAL_ID), required=True)
     connect.add_argument("--refresh-token", help="the refresh token (default: read from stdin)")
     connect.set_defaults(func=_portals_connect)
     return parser
 
 
+def _config(args: argparse.Namespace) -> Config:
+    """The validated config named by --config (an empty path is an error, not the default)."""
+    if args.config == "":
+        raise _Fatal("--config: empty path")
+    return config_module.load(args.config)
+
+
 def _load(args: argparse.Namespace) -> Config:
-    cfg = config_module.load(args.config)
+    cfg = _config(args)
     logs.setup(cfg.logging.level, cfg.logging.format)
+    args.logging_ready = True
     return cfg
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from throttled.daemon import StartupError, serve
+    from throttled.daemon import serve
 
     cfg = _load(args)
-    try:
-        asyncio.run(_with_signals(lambda stop: serve(cfg, stop=stop)))
-    except StartupError as exc:
-        raise _Fatal(str(exc)) from None
+    asyncio.run(_with_signals(lambda stop: serve(cfg, stop=stop)))
     return 0
 
 
@@ -107,14 +187,16 @@ def _migrate(args: argparse.Namespace) -> int:
     from throttled.db import migrate
 
     cfg = _load(args)
+    timeout = cfg.database.connect_timeout_s
 
     async def run() -> None:
         async with database_url(cfg) as url:
             if args.status:
-                for item in await asyncio.to_thread(migrate.status, url):
+                items = await asyncio.to_thread(migrate.status, url, connect_timeout_s=timeout)
+                for item in items:
                     print(f"{'applied' if item.applied else 'pending'}  {item.id}")
                 return
-            applied = await asyncio.to_thread(migrate.apply, url)
+            applied = await asyncio.to_thread(migrate.apply, url, connect_timeout_s=timeout)
             print(
                 f"applied {len(applied)} migration(s)"
                 + (f": {', '.join(applied)}" if applied else "")
@@ -125,7 +207,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    cfg = config_module.load(args.config)
+    cfg = _config(args)
     print(f"# effective configuration from {cfg.source} (+ environment), secrets masked")
     print(json.dumps(config_module.masked(cfg), indent=2, sort_keys=False))
     print("config OK", file=sys.stderr)
@@ -135,18 +217,46 @@ def _check_config(args: argparse.Namespace) -> int:
 def _sign(args: argparse.Namespace) -> int:
     from throttled.hubspot.signature import sign_headers
 
-    body = sys.stdin.buffer.read() if args.body == "-" else Path(args.body).read_bytes()
+    for flag, value in (("--secret", args.secret), ("--url", args.url), ("--method", args.method)):
+        _check_arg(flag, value)
+    body = _read_body(args.body)
     version = "v3" if args.v3 else "v2"
     headers = sign_headers(args.secret, args.method.upper(), args.url, body, version=version)
     if not args.curl:
         for name, value in headers.items():
             print(f"{name}: {value}")
         return 0
-    parts = ["curl", "-sS", "-X", args.method.upper(), "-H", "'Content-Type: application/json'"]
-    parts += [f"-H '{name}: {value}'" for name, value in headers.items()]
-    parts += [f"--data-binary @{args.body}", f"'{args.url}'"]
-    print(" ".join(parts))
+    parts = ["curl", "-sS", "-X", args.method.upper(), "-H", "Content-Type: application/json"]
+    for name, value in headers.items():
+        parts += ["-H", f"{name}: {value}"]
+    parts += ["--data-binary", f"@{args.body}", args.url]
+    print(" ".join(shlex.quote(part) for part in parts))
     return 0
+
+
+def _check_arg(flag: str, value: str) -> None:
+    """A text argument must be non-empty, printable UTF-8."""
+    if not value:
+        raise _Fatal(f"{flag}: must not be empty")
+    if not value.isprintable():
+        raise _Fatal(f"{flag}: must be printable UTF-8 text")
+
+
+def _read_body(name: str) -> bytes:
+    """The request body from a file, or from stdin for "-" (at most 16 MiB)."""
+    if not name:
+        raise _Fatal("--body: empty path")
+    try:
+        if name == "-":
+            data = sys.stdin.buffer.read(MAX_BODY_BYTES + 1)
+        else:
+            with open(name, "rb") as file:
+                data = file.read(MAX_BODY_BYTES + 1)
+    except OSError as exc:
+        raise _Fatal(f"--body: cannot read {name}: {exc.strerror or exc}") from None
+    if len(data) > MAX_BODY_BYTES:
+        raise _Fatal(f"--body: {name} is larger than {MAX_BODY_BYTES} bytes")
+    return data
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -156,24 +266,35 @@ def _demo(args: argparse.Namespace) -> int:
     return int(asyncio.run(run_demo(cfg, per_queue=args.per_queue)))
 
 
+def _refresh_token(args: argparse.Namespace) -> str:
+    """--refresh-token, or the first line of stdin; printable text of bounded length."""
+    try:
+        given = args.refresh_token if args.refresh_token is not None else sys.stdin.readline()
+    except UnicodeDecodeError:
+        raise _Fatal("the refresh token on stdin is not UTF-8 text") from None
+    token = given.strip()
+    if not token:
+        raise _Fatal("no refresh token given (--refresh-token or stdin)")
+    if len(token) > MAX_TOKEN_CHARS or not token.isprintable():
+        raise _Fatal(f"the refresh token must be printable text of at most {MAX_TOKEN_CHARS} chars")
+    return token
+
+
 def _portals_connect(args: argparse.Namespace) -> int:
-    from throttled.daemon import StartupError, database_url, keyring_for
+    from throttled.daemon import database_url, keyring_for
     from throttled.db.repository import Repository
     from throttled.tokens import _aad
 
     cfg = _load(args)
-    token = args.refresh_token or sys.stdin.readline().strip()
-    if not token:
-        raise _Fatal("no refresh token given (--refresh-token or stdin)")
-    if args.portal_id <= 0:
-        raise _Fatal("--portal-id must be a positive integer")
-    try:
-        keyring = keyring_for(cfg)
-    except StartupError as exc:
-        raise _Fatal(str(exc)) from None
+    token = _refresh_token(args)
+    keyring = keyring_for(cfg)
 
     async def run() -> None:
-        async with database_url(cfg) as url, Repository.open(url, min_size=1, max_size=1) as repo:
+        timeout = cfg.database.connect_timeout_s
+        async with (
+            database_url(cfg) as url,
+            Repository.open(url, min_size=1, max_size=1, timeout=timeout) as repo,
+        ):
             encrypted = keyring.encrypt(token, aad=_aad(args.portal_id, "refresh"))
             await repo.set_refresh_token(args.portal_id, encrypted)
 

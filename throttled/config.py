@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
+import stat
 import tomllib
 import types
 import typing
@@ -11,10 +14,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
-from throttled import rates
+from throttled import crypto, rates
 
 DEFAULT_PATHS = (Path("throttled.toml"), Path("/etc/throttled/throttled.toml"))
+MAX_FILE_BYTES = 1 << 20
+MAX_BLOCK_EXPIRATION_S = 365 * 86_400.0
+_CREDENTIAL_WORDS = ("pass", "secret", "token", "key", "auth", "credential")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DATABASE_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
 
 
 class ConfigError(Exception):
@@ -48,22 +57,52 @@ class Secret:
     __str__ = __repr__
 
 
+@dataclass(frozen=True)
+class Range:
+    """The documented bounds of a numeric key: lo..hi, or > lo and <= hi when `above`."""
+
+    lo: float
+    hi: float
+    above: bool = False
+
+    def __contains__(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return (value > self.lo if self.above else value >= self.lo) and value <= self.hi
+
+    def __str__(self) -> str:
+        lo, hi = _number_text(self.lo), _number_text(self.hi)
+        return f"> {lo} and <= {hi}" if self.above else f"{lo}..{hi}"
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def _num(default: float, lo: float, hi: float, *, above: bool = False) -> Any:
+    """A numeric field with its documented range (validate() enforces it)."""
+    return field(default=default, metadata={"range": Range(lo, hi, above)})
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: int = _num(8080, 0, 65535)
     public_url: str = ""
-    shutdown_timeout_s: float = 30.0
+    shutdown_timeout_s: float = _num(30.0, 1, 3600)
+    body_timeout_s: float = _num(10.0, 0.1, 300)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DatabaseConfig:
     url: Secret = field(default_factory=lambda: Secret(""))
     data_dir: str = "var"
-    pool_min: int = 2
-    pool_max: int = 10
+    pool_min: int = _num(2, 1, 100)
+    pool_max: int = _num(10, 2, 1000)
     auto_migrate: bool = False
-    connect_timeout_s: float = 5.0
+    connect_timeout_s: float = _num(5.0, 0.1, 300)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,18 +116,18 @@ class HubSpotConfig:
     auth_base_url: str = "https://app.hubspot.com"
     mock: bool = False
     block_expiration: str = "P7D"
-    request_timeout_s: float = 10.0
+    request_timeout_s: float = _num(10.0, 0.1, 300)
     batch_complete_path: str = "/automation/v4/actions/callbacks/complete"
     token_path: str = "/oauth/v1/token"
     send_typed_outputs: bool = False
     accept_v1_signatures: bool = False
-    token_refresh_margin_s: float = 300.0
+    token_refresh_margin_s: float = _num(300.0, 0, 86400)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DefaultsConfig:
-    max_throughput: int = 10
-    time_period: float = 1
+    max_throughput: int = _num(10, 1, rates.MAX_LIMIT)
+    time_period: float = _num(1, 0.001, rates.MAX_PERIOD_S)
     time_unit: str = "seconds"
     pacing: str = "window"
     release_days: str = ""
@@ -99,29 +138,29 @@ class DefaultsConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SenderConfig:
-    batch_size: int = 100
-    portal_requests: int = 100
-    portal_interval_seconds: float = 10.0
-    max_attempts: int = 10
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 300.0
-    hold_after_failures: int = 3
-    hold_s: float = 1800.0
-    lookahead_s: float = 0.5
-    claim_ahead_s: float = 2.0
-    send_margin_ms: float = 2.0
-    max_in_flight: int = 8
+    batch_size: int = _num(100, 1, 100)
+    portal_requests: int = _num(100, 1, 100_000)
+    portal_interval_seconds: float = _num(10.0, 0.1, 86400)
+    max_attempts: int = _num(10, 1, 1000)
+    backoff_base_s: float = _num(1.0, 0.01, 3600)
+    backoff_max_s: float = _num(300.0, 0.01, 86400)
+    hold_after_failures: int = _num(3, 1, 1000)
+    hold_s: float = _num(1800.0, 0, 86400)
+    lookahead_s: float = _num(0.5, 0, 60)
+    claim_ahead_s: float = _num(2.0, 0, 600)
+    send_margin_ms: float = _num(2.0, 0, 1000)
+    max_in_flight: int = _num(8, 1, 256)
 
 
 @dataclass(frozen=True, kw_only=True)
 class IngestConfig:
-    max_body_bytes: int = 65536
-    max_pending: int = 20000
-    batch_max: int = 2000
-    linger_ms: float = 0.0
-    overlap_ms: float = 1.5
-    flushers: int = 2
-    retry_after_s: int = 5
+    max_body_bytes: int = _num(65536, 1024, 16 << 20)
+    max_pending: int = _num(20000, 1, 1_000_000)
+    batch_max: int = _num(2000, 1, 100_000)
+    linger_ms: float = _num(0.0, 0, 1000)
+    overlap_ms: float = _num(1.5, 0, 100)
+    flushers: int = _num(2, 1, 64)
+    retry_after_s: int = _num(5, 1, 3600)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,10 +176,10 @@ class AdminConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RetentionConfig:
-    done_days: float = 7.0
-    failed_days: float = 30.0
-    batch_size: int = 5000
-    interval_s: float = 60.0
+    done_days: float = _num(7.0, 0, 36500, above=True)
+    failed_days: float = _num(30.0, 0, 36500, above=True)
+    batch_size: int = _num(5000, 1, 100_000)
+    interval_s: float = _num(60.0, 1, 86400)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,7 +211,33 @@ class Config:
         return parse_iso_duration(self.hubspot.block_expiration)
 
 
-# Environment variables of the original Throttle, then our own THROTTLED_SECTION_KEY form.
+def sections() -> dict[str, type[Any]]:
+    """Each config section's name and dataclass."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name != "source"}
+
+
+def ranges() -> dict[str, Range]:
+    """Every numeric key (`section.key`) with its documented range."""
+    return {
+        f"{name}.{f.name}": f.metadata["range"]
+        for name, cls in sections().items()
+        for f in dataclasses.fields(cls)
+        if "range" in f.metadata
+    }
+
+
+def brief(value: object, limit: int = 40) -> str:
+    """A value's repr for a message, cut short (a huge int has no repr past 4300 digits)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "an integer too long to show"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# Environment variables of the original Throttle, then our own THROTTLED_SECTION_KEY form
+# (which wins when both name the same key).
 LEGACY_ENV = {
     "DATABASE_URL": ("database", "url"),
     "ENCRYPTION_KEY": ("security", "encryption_key"),
@@ -186,67 +251,127 @@ LEGACY_ENV = {
 
 def find_config_path(explicit: str | None) -> Path | None:
     """The file to read: the one named, else the first default path that exists."""
-    if explicit:
-        path = Path(explicit)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        return path
-    return next((p for p in DEFAULT_PATHS if p.is_file()), None)
+    if explicit is None:
+        return next((p for p in DEFAULT_PATHS if _regular_file(p, required=False)), None)
+    if not explicit:
+        raise ConfigError("config file: empty path")
+    path = Path(explicit)
+    _regular_file(path, required=True)
+    return path
+
+
+def _regular_file(path: Path, *, required: bool) -> bool:
+    """Whether path is a regular file; when required, a ConfigError says why it is not."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        if required:
+            raise ConfigError(f"config file not found: {path}") from None
+        return False
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read: {_reason(exc)}") from None
+    if stat.S_ISREG(mode) or not required:
+        return stat.S_ISREG(mode)
+    kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+    raise ConfigError(f"{path}: is {kind}, not a config file")
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
 def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read, validate and return the effective configuration."""
     found = find_config_path(path)
-    raw: dict[str, Any] = {}
-    if found is not None:
-        try:
-            raw = tomllib.loads(found.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{found}: invalid TOML: {exc}") from None
+    raw = _read_toml(found) if found is not None else {}
     merged = _apply_env(raw, os.environ if environ is None else environ)
     config = from_mapping(merged, source=str(found) if found else "(defaults)")
     validate(config)
     return config
 
 
+def _read_toml(path: Path) -> dict[str, Any]:
+    """A config file's TOML as a mapping; every failure is one ConfigError line."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {_reason(exc)}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES} bytes; not a config file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
+    try:
+        return tomllib.loads(text)
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError
+        raise ConfigError(f"{path}: invalid TOML: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    overrides: list[tuple[str, str, str]] = []
-    for name, (section, key) in LEGACY_ENV.items():
-        if environ.get(name):
-            overrides.append((section, key, environ[name]))
-    sections = {f.name for f in dataclasses.fields(Config) if f.name != "source"}
+    for (section, key), (name, value) in _env_overrides(environ).items():
+        target = merged.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: must be a table, e.g. [{section}]")
+        target[key] = _EnvText(value, name)
+    return merged
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, str], tuple[str, str]]:
+    """(section, key) -> (variable, value); a THROTTLED_ name wins over a legacy one."""
+    legacy = {LEGACY_ENV[n]: (n, v) for n, v in environ.items() if n in LEGACY_ENV and v}
+    ours: dict[tuple[str, str], tuple[str, str]] = {}
     for name, value in environ.items():
         if not name.startswith("THROTTLED_") or name.startswith("THROTTLED_TEST_"):
             continue
-        rest = name[len("THROTTLED_") :].lower()
-        section = next((s for s in sections if rest.startswith(s + "_")), "")
-        if not section:
-            raise ConfigError(f"environment variable {name}: unknown config section")
-        overrides.append((section, rest[len(section) + 1 :], value))
-    for section, key, value in overrides:
-        target = merged.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"{section}: must be a table")
-        target[key] = _EnvText(value)
-    return merged
+        target = _env_target(name)
+        if target in ours:
+            other = ours[target][0]
+            raise ConfigError(f"{'.'.join(target)}: set twice in the environment ({other}, {name})")
+        ours[target] = (name, value)
+    return {**legacy, **ours}
+
+
+def _env_target(name: str) -> tuple[str, str]:
+    """The (section, key) a THROTTLED_SECTION_KEY variable sets."""
+    rest = name[len("THROTTLED_") :].lower()
+    known = sections()
+    section = next((s for s in known if rest.startswith(s + "_")), "")
+    if not section:
+        raise ConfigError(f"environment variable {name}: unknown config section")
+    key = rest[len(section) + 1 :]
+    if key not in {f.name for f in dataclasses.fields(known[section])}:
+        raise ConfigError(f"environment variable {name}: unknown config key {section}.{key}")
+    return section, key
 
 
 class _EnvText(str):
     """A value that came from the environment: coerced from text to the field's type."""
 
+    variable: str
+
+    def __new__(cls, value: str, variable: str) -> _EnvText:
+        text = super().__new__(cls, value)
+        text.variable = variable
+        return text
+
 
 def from_mapping(raw: Mapping[str, Any], *, source: str = "(mapping)") -> Config:
     """Build a Config from a parsed TOML mapping; unknown keys are errors."""
     kwargs: dict[str, Any] = {}
-    section_fields = {f.name: f for f in dataclasses.fields(Config) if f.name != "source"}
-    hints = typing.get_type_hints(Config)
+    known = sections()
     for name, value in raw.items():
-        if name not in section_fields:
+        if name not in known:
             raise ConfigError(f"unknown config section [{name}]")
         if not isinstance(value, Mapping):
             raise ConfigError(f"{name}: must be a table, e.g. [{name}]")
-        kwargs[name] = _build_section(hints[name], value, name)
+        kwargs[name] = _build_section(known[name], value, name)
     return Config(**kwargs, source=source)
 
 
@@ -257,58 +382,103 @@ def _build_section(cls: type[Any], values: Mapping[str, Any], section: str) -> A
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"unknown config key {section}.{key}")
-        kwargs[key] = _coerce(hints[key], value, f"{section}.{key}")
+        where = f"{section}.{key}"
+        if isinstance(value, _EnvText):
+            where += f" (from {value.variable})"
+        kwargs[key] = _coerce(hints[key], value, where)
     return cls(**kwargs)
 
 
 def _coerce(kind: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(kind)
     if origin is tuple:
-        (item_kind, _) = typing.get_args(kind)
-        items = value.split(",") if isinstance(value, _EnvText) else value
-        if not isinstance(items, list | tuple):
-            raise ConfigError(f"{where}: expected a list")
-        return tuple(_coerce(item_kind, v, where) for v in items if v != "")
+        return _coerce_list(typing.get_args(kind)[0], value, where)
     if origin is types.UnionType:
         raise ConfigError(f"{where}: unsupported type")
-    return _coerce_scalar(kind, value, where)
+    convert = _SCALARS.get(kind)
+    if convert is None:
+        raise ConfigError(f"{where}: unsupported type {kind!r}")
+    return convert(value, where)
 
 
-def _coerce_scalar(kind: Any, value: Any, where: str) -> Any:
-    from_env = isinstance(value, _EnvText)
-    if kind is Secret:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string")
-        return Secret(str(value))
-    if kind is bool:
-        if from_env:
-            return _parse_bool(value, where)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if kind is int:
-        if from_env:
-            try:
-                return int(value)
-            except ValueError:
-                raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if kind is float:
-        if from_env:
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{where}: unsupported type {kind!r}")
+def _coerce_list(item_kind: Any, value: Any, where: str) -> tuple[Any, ...]:
+    """A list key: a TOML array, or comma-separated text from the environment."""
+    if isinstance(value, _EnvText):
+        items: Any = [item.strip() for item in value.split(",") if item.strip()]
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        raise ConfigError(f"{where}: expected a list")
+    for i, item in enumerate(items):
+        if item == "":
+            raise ConfigError(f"{where}[{i}]: must not be empty")
+    return tuple(_coerce(item_kind, item, f"{where}[{i}]") for i, item in enumerate(items))
+
+
+def _to_str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {brief(value)}")
+    _check_text(value, where)
+    return str(value)
+
+
+def _to_secret(value: Any, where: str) -> Secret:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string")
+    _check_text(value, where)
+    return Secret(str(value))
+
+
+def _check_text(value: str, where: str) -> None:
+    """Text must be valid UTF-8 without control characters (the value is never echoed)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{where}: not valid UTF-8 text") from None
+    if _CONTROL.search(value):
+        raise ConfigError(f"{where}: must not contain control characters")
+
+
+def _to_bool(value: Any, where: str) -> bool:
+    if isinstance(value, _EnvText):
+        return _parse_bool(value, where)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false (unquoted), got {brief(value)}")
+    return value
+
+
+def _to_int(value: Any, where: str) -> int:
+    if isinstance(value, _EnvText):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {brief(value)}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected an integer, got {brief(value)}")
+    return int(value)
+
+
+def _to_float(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | _EnvText):
+        raise ConfigError(f"{where}: expected a number, got {brief(value)}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{where}: expected a number, got {brief(value)}") from None
+    except OverflowError:  # an integer beyond the float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: must be a finite number, got {brief(value)}")
+    return number
+
+
+_SCALARS: dict[Any, Any] = {
+    str: _to_str,
+    Secret: _to_secret,
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+}
 
 
 def _parse_bool(text: str, where: str) -> bool:
@@ -317,29 +487,33 @@ def _parse_bool(text: str, where: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise ConfigError(f"{where}: expected true or false, got {text!r}")
+    raise ConfigError(f"{where}: expected true or false, got {brief(str(text))}")
 
 
 def validate(config: Config) -> None:
-    """Check cross-field rules and value ranges; raise ConfigError naming the key."""
+    """Check every key's range and the cross-field rules; raise ConfigError naming the key."""
+    _check_ranges(config)
+    _check_rules(config)
+    _check_urls(config)
+    _check_block_expiration(config.hubspot.block_expiration)
+    _check_keys(config.security)
+    _check_rates(config)
+
+
+def _check_ranges(config: Config) -> None:
+    """Each numeric key within its documented range (finite, so no inf or nan)."""
+    for name in sections():
+        section = getattr(config, name)
+        for f in dataclasses.fields(section):
+            bounds = f.metadata.get("range")
+            value = getattr(section, f.name)
+            if bounds is not None and value not in bounds:
+                raise ConfigError(f"{name}.{f.name}: must be {bounds}, got {brief(value)}")
+
+
+def _check_rules(config: Config) -> None:
+    """Rules between keys, and keys with a fixed set of values."""
     checks: list[tuple[bool, str]] = [
-        (0 <= config.server.port <= 65535, "server.port: must be 0..65535 (0: any free port)"),
-        (config.server.shutdown_timeout_s > 0, "server.shutdown_timeout_s: must be > 0"),
-        (1 <= config.sender.batch_size <= 100, "sender.batch_size: must be 1..100"),
-        (config.sender.portal_requests >= 1, "sender.portal_requests: must be >= 1"),
-        (config.sender.portal_interval_seconds > 0, "sender.portal_interval_seconds: must be > 0"),
-        (config.sender.max_attempts >= 1, "sender.max_attempts: must be >= 1"),
-        (config.sender.max_in_flight >= 1, "sender.max_in_flight: must be >= 1"),
-        (config.sender.lookahead_s >= 0, "sender.lookahead_s: must be >= 0"),
-        (config.sender.claim_ahead_s >= 0, "sender.claim_ahead_s: must be >= 0"),
-        (0 <= config.sender.send_margin_ms <= 1000, "sender.send_margin_ms: must be 0..1000"),
-        (config.ingest.max_body_bytes >= 1024, "ingest.max_body_bytes: must be >= 1024"),
-        (config.ingest.max_pending >= 1, "ingest.max_pending: must be >= 1"),
-        (config.ingest.batch_max >= 1, "ingest.batch_max: must be >= 1"),
-        (config.ingest.flushers >= 1, "ingest.flushers: must be >= 1"),
-        (0 <= config.ingest.linger_ms <= 1000, "ingest.linger_ms: must be 0..1000"),
-        (0 <= config.ingest.overlap_ms <= 100, "ingest.overlap_ms: must be 0..100"),
-        (config.database.pool_min >= 1, "database.pool_min: must be >= 1"),
         (
             config.database.pool_max >= config.database.pool_min + config.ingest.flushers,
             "database.pool_max: must be >= pool_min + ingest.flushers",
@@ -356,70 +530,165 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    for key in ("api_base_url", "auth_base_url"):
-        url = getattr(config.hubspot, key)
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"hubspot.{key}: must be an http(s) URL")
-    if config.server.public_url and not config.server.public_url.startswith(
-        ("http://", "https://")
+
+
+def _check_urls(config: Config) -> None:
+    """URLs and URL paths that the daemon builds requests from."""
+    hs = config.hubspot
+    _check_http_url(hs.api_base_url, "hubspot.api_base_url")
+    _check_http_url(hs.auth_base_url, "hubspot.auth_base_url")
+    for value, where in (
+        (config.server.public_url, "server.public_url"),
+        (hs.redirect_uri, "hubspot.redirect_uri"),
     ):
-        raise ConfigError("server.public_url: must be an http(s) URL")
+        if value:
+            _check_http_url(value, where)
+    for key in ("batch_complete_path", "token_path"):
+        if not getattr(hs, key).startswith("/") or " " in getattr(hs, key):
+            raise ConfigError(f"hubspot.{key}: must be a URL path starting with /")
+    _check_database_url(config.database.url.reveal())
+
+
+def _check_http_url(value: str, where: str) -> None:
+    message = f"{where}: must be an http(s) URL, got {brief(value)}"
+    if not value.startswith(("http://", "https://")) or " " in value:
+        raise ConfigError(message)
     try:
-        seconds = config.block_expiration_s()
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not 0..65535)
+    except ValueError:
+        raise ConfigError(message) from None
+    if not parts.hostname:
+        raise ConfigError(message)
+
+
+def _check_database_url(url: str) -> None:
+    """Empty (embedded PostgreSQL) or a postgresql:// URL; the URL is never echoed."""
+    if not url:
+        return
+    message = "database.url: must be a postgresql://user:password@host:port/db URL"
+    if not url.startswith(_DATABASE_SCHEMES) or " " in url:
+        raise ConfigError(message + " (or empty for the embedded PostgreSQL)")
+    try:
+        urlsplit(url).port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError:
+        raise ConfigError(message + "; its host or port is malformed") from None
+
+
+def _check_block_expiration(text: str) -> None:
+    """A positive ISO-8601 duration of at most P365D."""
+    where = "hubspot.block_expiration"
+    try:
+        seconds = parse_iso_duration(text)
     except ValueError as exc:
-        raise ConfigError(f"hubspot.block_expiration: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
     if seconds <= 0:
-        raise ConfigError("hubspot.block_expiration: must be a positive duration")
+        raise ConfigError(f"{where}: must be a positive duration, got {brief(text)}")
+    if seconds > MAX_BLOCK_EXPIRATION_S:
+        raise ConfigError(f"{where}: must be at most P365D (365 days), got {brief(text)}")
+
+
+def _check_keys(security: SecurityConfig) -> None:
+    """Encryption keys parse as 32-byte keys (an empty primary is generated in mock mode)."""
+    named = [
+        (f"security.previous_encryption_keys[{i}]", key)
+        for i, key in enumerate(security.previous_encryption_keys)
+    ]
+    if security.encryption_key:
+        named.insert(0, ("security.encryption_key", security.encryption_key))
+    keys = [_parse_key(secret, where) for where, secret in named]
+    if keys and security.encryption_key:
+        try:
+            crypto.KeyRing(keys[0], tuple(keys[1:]))
+        except crypto.CryptoError as exc:
+            raise ConfigError(f"security.previous_encryption_keys: {exc}") from None
+
+
+def _parse_key(secret: Secret, where: str) -> bytes:
+    try:
+        return crypto.parse_key(secret.reveal())
+    except crypto.CryptoError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _check_rates(config: Config) -> None:
+    """The `[defaults]` section makes a rate policy."""
     try:
         rates.resolve([config.default_policy_spec()])
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    except (ValueError, ArithmeticError) as exc:
+        message = _one_line(exc)[:300]  # a rate message quotes the value, maybe a long one
+        shown = message if message.startswith("defaults.") else f"defaults: {message}"
+        raise ConfigError(shown) from None
+
+
+_ISO_DURATION = re.compile(
+    r"P(?:(?P<w>\d+)W)?(?:(?P<d>\d+)D)?"
+    r"(?:T(?:(?P<h>\d+)H)?(?:(?P<m>\d+)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?",
+    re.ASCII,
+)
+_DURATION_SECONDS = {"w": 604_800, "d": 86_400, "h": 3_600, "m": 60, "s": 1}
 
 
 def parse_iso_duration(text: str) -> float:
-    """Parse an ISO-8601 duration such as P7D, PT15M or P1WT1H into seconds."""
-    import re
-
-    match = re.fullmatch(
-        r"P(?:(?P<w>\d+)W)?(?:(?P<d>\d+)D)?"
-        r"(?:T(?:(?P<h>\d+)H)?(?:(?P<m>\d+)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?",
-        text.strip().upper(),
-    )
-    if not match or text.strip().upper() in ("P", "PT") or text.strip().upper().endswith("T"):
-        raise ValueError(f"{text!r} is not an ISO-8601 duration like P7D or PT15M")
-    parts = {k: float(v) if v else 0.0 for k, v in match.groupdict().items()}
-    return (
-        parts["w"] * 604800 + parts["d"] * 86400 + parts["h"] * 3600 + parts["m"] * 60 + parts["s"]
-    )
+    """Parse an ISO-8601 duration such as P7D, PT15M or P1WT1H into (finite) seconds."""
+    cleaned = text.strip().upper() if isinstance(text, str) and text.isascii() else ""
+    match = _ISO_DURATION.fullmatch(cleaned)
+    if not match or cleaned in ("P", "PT") or cleaned.endswith("T"):
+        raise ValueError(f"{brief(text)} is not an ISO-8601 duration like P7D or PT15M")
+    parts = match.groupdict()
+    total = sum(float(v) * _DURATION_SECONDS[k] for k, v in parts.items() if v)
+    if not math.isfinite(total):
+        raise ValueError(f"{brief(text)} is too long a duration")
+    return total
 
 
 def masked(config: Config) -> dict[str, Any]:
     """The effective config as a plain mapping with every secret masked (for check-config)."""
-
-    def show(value: Any) -> Any:
-        if isinstance(value, Secret) and "://" in value.reveal():
-            return mask_url(value.reveal())
-        if isinstance(value, Secret):
-            return "***" if value else ""
-        if isinstance(value, tuple):
-            return [show(v) for v in value]
-        return value
-
     out: dict[str, Any] = {}
-    for section in dataclasses.fields(config):
-        if section.name == "source":
-            continue
-        obj = getattr(config, section.name)
-        out[section.name] = {f.name: show(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    for name in sections():
+        obj = getattr(config, name)
+        out[name] = {
+            f.name: _shown(getattr(obj, f.name), url=(name, f.name) == ("database", "url"))
+            for f in dataclasses.fields(obj)
+        }
     return out
 
 
-def mask_url(url: str) -> str:
-    """A connection URL with its password replaced by ***."""
-    from urllib.parse import urlsplit, urlunsplit
+def _shown(value: Any, *, url: bool) -> Any:
+    if isinstance(value, Secret) and url:
+        return mask_url(value.reveal())
+    if isinstance(value, Secret):
+        return "***" if value else ""
+    if isinstance(value, tuple):
+        return [_shown(v, url=url) for v in value]
+    return value
 
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+def mask_url(url: str) -> str:
+    """A connection URL with its password and credential-like query parameters as ***."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***" if url else ""
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    userinfo, at, host = authority.rpartition("@")
+    if at and ":" in userinfo:
+        authority = f"{userinfo.partition(':')[0]}:***@{host}"
+    return f"{scheme}://{authority}{_mask_query(tail)}"
+
+
+def _mask_query(tail: str) -> str:
+    """Path, query and fragment with credential-like parameters (and any fragment) masked."""
+    tail, hash_sign, _ = tail.partition("#")
+    path, question, query = tail.partition("?")
+    if question:
+        path += "?" + "&".join(_mask_param(p) for p in query.split("&"))
+    return path + ("#***" if hash_sign else "")
+
+
+def _mask_param(param: str) -> str:
+    name, equals, _ = param.partition("=")
+    lowered = unquote(name).lower()
+    if equals and any(word in lowered for word in _CREDENTIAL_WORDS):
+        return f"{name}=***"
+    return param

@@ -128,6 +128,12 @@ def _utc_floor(epoch: float) -> datetime:
     return d - timedelta(microseconds=1) if d.timestamp() > epoch else d
 
 
+def _brief(value: Any) -> str:
+    """A value's repr for a message, at most 60 characters (it may come from anywhere)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}...({len(text)} chars)"
+
+
 def _format_clock(clock: time) -> str:
     """HH:MM, or HH:MM:SS when seconds are set."""
     return clock.strftime("%H:%M:%S" if clock.second or clock.microsecond else "%H:%M")
@@ -300,17 +306,17 @@ class RatePolicy:
         """Validate and normalise period_s to float."""
         limit = self.limit
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-            raise ValueError(f"limit must be an integer 1..{MAX_LIMIT}, got {limit!r}")
+            raise ValueError(f"limit must be an integer 1..{MAX_LIMIT}, got {_brief(limit)}")
         if isinstance(self.period_s, bool) or not isinstance(self.period_s, int | float):
-            raise ValueError(f"period_s must be a number, got {self.period_s!r}")
+            raise ValueError(f"period_s must be a number, got {_brief(self.period_s)}")
         period = float(self.period_s)
         if not MIN_PERIOD_S <= period <= MAX_PERIOD_S:  # (False for NaN too)
             raise ValueError(
-                f"period_s must be {MIN_PERIOD_S:g}..{MAX_PERIOD_S:g} seconds, got {period!r}"
+                f"period_s must be {MIN_PERIOD_S:g}..{MAX_PERIOD_S:g} seconds, got {_brief(period)}"
             )
         object.__setattr__(self, "period_s", period)
         if self.pacing not in _PACINGS:
-            raise ValueError(f"pacing must be 'window' or 'even', got {self.pacing!r}")
+            raise ValueError(f"pacing must be 'window' or 'even', got {_brief(self.pacing)}")
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe, stable representation (stored in a jsonb column)."""
@@ -334,7 +340,7 @@ class RatePolicy:
                 schedule=None if schedule is None else ReleaseSchedule.from_json(schedule),
             )
         except (KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"malformed rate policy {dict(d)!r}: {exc!r}") from None
+            raise ValueError(f"malformed rate policy {_brief(dict(d))}: {_brief(exc)}") from None
 
     def describe(self) -> str:
         """Human-readable summary, e.g. '10 per 1 second, window'."""
@@ -380,9 +386,9 @@ def parse_limit(value: Any) -> int:
     """A send limit: an integer 1..MAX_LIMIT (numeric strings accepted)."""
     number = _number(value)
     if number is None or number != int(number) or number < 1:
-        raise ValueError(f"{value!r} is not a positive integer")
+        raise ValueError(f"{_brief(value)} is not a positive integer")
     if number > MAX_LIMIT:
-        raise ValueError(f"{value!r} exceeds {MAX_LIMIT}")
+        raise ValueError(f"{_brief(value)} exceeds {MAX_LIMIT}")
     return int(number)
 
 
@@ -390,7 +396,7 @@ def parse_count(value: Any) -> float:
     """A period multiplier: a positive number."""
     number = _number(value)
     if number is None or number <= 0:
-        raise ValueError(f"{value!r} is not a positive number")
+        raise ValueError(f"{_brief(value)} is not a positive number")
     return number
 
 
@@ -398,7 +404,7 @@ def parse_unit(value: Any) -> float:
     """Seconds in a unit name (seconds, minutes, hours, days; singular too; any case)."""
     seconds = UNIT_SECONDS.get(value.strip().lower()) if isinstance(value, str) else None
     if seconds is None:
-        raise ValueError(f"{value!r} is not a time unit (seconds, minutes, hours, days)")
+        raise ValueError(f"{_brief(value)} is not a time unit (seconds, minutes, hours, days)")
     return seconds
 
 
@@ -406,7 +412,7 @@ def parse_pacing(value: Any) -> Pacing:
     """'window' or 'even' (any case)."""
     pacing = _PACINGS.get(value.strip().lower()) if isinstance(value, str) else None
     if pacing is None:
-        raise ValueError(f"{value!r} is not a pacing (window, even)")
+        raise ValueError(f"{_brief(value)} is not a pacing (window, even)")
     return pacing
 
 
@@ -434,16 +440,16 @@ def parse_days(value: Any) -> frozenset[int]:
     elif isinstance(value, str):
         text = value
     else:
-        raise ValueError(f"{value!r} is not a list of days")
+        raise ValueError(f"{_brief(value)} is not a list of days")
     tokens = re.split(r"[,;\s]+", re.sub(r"\s*[-–]\s*", "-", text.strip()))
     days: set[int] = set()
     for token in filter(None, tokens):
         try:
             days |= _day_token(token)
         except ValueError:
-            raise ValueError(f"{value!r} has an unknown day {token!r}") from None
+            raise ValueError(f"{_brief(value)} has an unknown day {_brief(token)}") from None
     if not days:
-        raise ValueError(f"{value!r} names no days")
+        raise ValueError(f"{_brief(value)} names no days")
     return frozenset(days)
 
 
@@ -464,13 +470,13 @@ def parse_hours(value: Any) -> tuple[time, time]:
         groups = match.groups()
         return _clock(*groups[:3], end=False), _clock(*groups[3:], end=True)
     except ValueError:
-        raise ValueError(f"{value!r} is not HH:MM-HH:MM") from None
+        raise ValueError(f"{_brief(value)} is not HH:MM-HH:MM") from None
 
 
 def parse_timezone(value: Any) -> str:
     """A valid IANA zone name."""
     if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not an IANA time zone")
+        raise ValueError(f"{_brief(value)} is not an IANA time zone")
     name = value.strip()
     _zone(name)
     return name
@@ -485,7 +491,7 @@ def parse_start_at(value: Any, tz: str | None = None) -> datetime:
         moment = None
     if moment is None or not EPOCH <= moment <= HORIZON:
         raise ValueError(
-            f"{value!r} is not a date-time between {EPOCH.date()} and {HORIZON.date()}"
+            f"{_brief(value)} is not a date-time between {EPOCH.date()} and {HORIZON.date()}"
         ) from None
     return moment
 
@@ -500,9 +506,9 @@ def _start_instant(value: Any, tz: str | None) -> datetime:
         try:
             moment = datetime.fromisoformat(value.strip())
         except ValueError:
-            raise ValueError(f"{value!r} is not an ISO-8601 date-time") from None
+            raise ValueError(f"{_brief(value)} is not an ISO-8601 date-time") from None
     else:
-        raise ValueError(f"{value!r} is not an ISO-8601 date-time")
+        raise ValueError(f"{_brief(value)} is not an ISO-8601 date-time")
     if moment.tzinfo is None:
         return local_instant(moment.date(), moment.time(), _zone(tz or "UTC"))
     return moment.astimezone(UTC)
@@ -593,7 +599,7 @@ def _read_rate(r: _Reader) -> tuple[int | None, float | None]:
     period = (count or 1.0) * unit
     if not MIN_PERIOD_S <= period <= MAX_PERIOD_S:
         name, value = r.find("count") or r.find("unit") or ("", None)
-        r.report(name, f"{value!r} gives {period:g} s; a period is 0.001 s to 366 days")
+        r.report(name, f"{_brief(value)} gives {period:g} s; a period is 0.001 s to 366 days")
         return None, None
     return limit, period
 

@@ -1,13 +1,24 @@
-"""Schema migrations with yoyo (SQL files in `migrations/`)."""
+"""Schema migrations with yoyo (SQL files in `migrations/`); its errors become MigrationError."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
+
+from throttled.config import mask_url
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+
+
+class MigrationError(Exception):
+    """Migrations cannot be read or applied; the message is one line, without credentials."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,37 +37,112 @@ def yoyo_url(url: str) -> str:
     return url
 
 
-def _backend_and_migrations(url: str) -> tuple[Any, Any]:
+def _with_connect_timeout(url: str, seconds: float) -> str:
+    """libpq's connect_timeout (whole seconds, at least 2) unless the URL sets one."""
+    rest, hash_sign, fragment = url.partition("#")
+    if "connect_timeout=" in rest.partition("?")[2]:
+        return url
+    joiner = "&" if "?" in rest else "?"
+    return f"{rest}{joiner}connect_timeout={max(2, math.ceil(seconds))}{hash_sign}{fragment}"
+
+
+def _yoyo() -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from yoyo import get_backend, read_migrations
+        import yoyo
+        import yoyo.connections
+        import yoyo.exceptions
 
-        return get_backend(yoyo_url(url)), read_migrations(str(MIGRATIONS_DIR))
+        return yoyo
 
 
-def status(url: str) -> list[MigrationStatus]:
-    """Every migration with its applied flag (blocking; run in a thread from async code)."""
-    backend, migrations = _backend_and_migrations(url)
+def _read_migrations() -> Any:
+    """The migration set; an empty or missing folder means an incomplete installation."""
+    folder = MIGRATIONS_DIR
+    missing = MigrationError(f"no migrations found in {folder}; the installation is incomplete")
+    if not folder.is_dir():
+        raise missing
+    migrations = _yoyo().read_migrations(str(folder))
+    if not migrations:
+        raise missing
+    return migrations
+
+
+def _backend(url: str, connect_timeout_s: float) -> Any:
+    return _yoyo().get_backend(_with_connect_timeout(yoyo_url(url), connect_timeout_s))
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    """What reading, connecting and applying can raise (driver, yoyo, URL and file errors)."""
+    import psycopg
+
+    yoyo = _yoyo()
+    return (
+        psycopg.Error,
+        yoyo.connections.BadConnectionURI,
+        yoyo.exceptions.BadMigration,
+        yoyo.exceptions.LockTimeout,
+        yoyo.exceptions.MigrationConflict,
+        ImportError,
+        OSError,
+        ValueError,
+    )
+
+
+@contextlib.contextmanager
+def _translated(url: str, doing: str) -> Iterator[None]:
+    """Raise what fails as MigrationError with a one-line message and no credentials."""
     try:
-        with backend.lock():
-            applied = {m.id for m in migrations if backend.is_applied(m)}
-    finally:
-        backend.connection.close()
+        yield
+    except MigrationError:
+        raise
+    except _errors() as exc:
+        raise MigrationError(f"{doing}: {type(exc).__name__}: {_scrubbed(exc, url)}") from None
+
+
+def _scrubbed(exc: BaseException, url: str) -> str:
+    """The error text on one line, the URL masked and its password removed."""
+    text = " ".join(str(exc).split())
+    for form in (yoyo_url(url), url):
+        if form:
+            text = text.replace(form, mask_url(form))
+    authority = url.partition("://")[2].split("/", 1)[0].split("?", 1)[0]
+    userinfo, at, _ = authority.rpartition("@")
+    password = userinfo.partition(":")[2] if at else ""
+    for secret in {password, unquote(password)} - {""}:
+        text = text.replace(secret, "***")
+    return text
+
+
+def status(
+    url: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+) -> list[MigrationStatus]:
+    """Every migration with its applied flag (blocking; run in a thread from async code)."""
+    with _translated(url, "cannot read the migration status"):
+        migrations = _read_migrations()
+        backend = _backend(url, connect_timeout_s)
+        try:
+            with backend.lock():
+                applied = {m.id for m in migrations if backend.is_applied(m)}
+        finally:
+            backend.connection.close()
     return [MigrationStatus(id=m.id, applied=m.id in applied) for m in migrations]
 
 
-def pending(url: str) -> list[str]:
+def pending(url: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> list[str]:
     """Ids of migrations not yet applied."""
-    return [m.id for m in status(url) if not m.applied]
+    return [m.id for m in status(url, connect_timeout_s=connect_timeout_s) if not m.applied]
 
 
-def apply(url: str) -> list[str]:
+def apply(url: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> list[str]:
     """Apply pending migrations; return the ids applied."""
-    backend, migrations = _backend_and_migrations(url)
-    try:
-        with backend.lock():
-            todo = backend.to_apply(migrations)
-            backend.apply_migrations(todo)
-    finally:
-        backend.connection.close()
+    with _translated(url, "cannot apply migrations"):
+        migrations = _read_migrations()
+        backend = _backend(url, connect_timeout_s)
+        try:
+            with backend.lock():
+                todo = backend.to_apply(migrations)
+                backend.apply_migrations(todo)
+        finally:
+            backend.connection.close()
     return [m.id for m in todo]
