@@ -360,3 +360,28 @@ async def test_a_429_with_an_infinite_retry_after_does_not_stop_the_sender(
         await daemon.connect_portal(fake_hubspot, PORTAL)
         fake_hubspot.fail_next(429, retry_after=math.inf)
         await _completes(daemon, fake_hubspot)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        {"max_throughput": "lots", "time_unit": "seconds"},
+        {"max_throughput": 5, "time_unit": "fortnights"},
+        ["not", "an", "object"],
+        {"start_at": "0001-01-01T00:00:00+14:00"},
+    ],
+)
+async def test_an_unreadable_admin_config_row_is_skipped_at_start_up(
+    daemon_factory, fake_hubspot, db_url, stored
+):
+    _sql(
+        db_url,
+        "INSERT INTO action_configs (portal_id, action_id, policy) VALUES (%s, %s, %s)",
+        PORTAL,
+        1234567,
+        json.dumps(stored),
+    )
+    async with daemon_factory() as daemon:
+        assert daemon.runtime.services.intake.action_configs == {}
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        await _completes(daemon, fake_hubspot)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import structlog
@@ -30,7 +31,7 @@ from throttled.metrics import INGEST_PENDING, SENDER_HELD
 from throttled.scheduler import Scheduler
 from throttled.sender import Dispatcher, _wait
 from throttled.tokens import Tokens
-from throttled.web.app import Services, make_app
+from throttled.web.app import Runner, Services, make_app
 
 log = structlog.get_logger(__name__)
 
@@ -158,13 +159,18 @@ async def serve(
         )
         fake, api_base = await _hubspot(config, stack)
         runtime = await _assemble(config, repo, session, keyring, fake, api_base, clock)
-        runner = web.AppRunner(make_app(runtime.services), access_log=None, handle_signals=False)
+        runner = Runner(
+            make_app(runtime.services),
+            timeout_s=config.server.shutdown_timeout_s,
+            access_log=None,
+            handle_signals=False,
+        )
         await runner.setup()
-        stack.push_async_callback(runner.cleanup)
+        stack.push_async_callback(runner.cleanup)  # closes open connections by its deadline
         site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
         await site.start()
         runtime.port = _bound_port(runner, config.server.port)
-        await _run(runtime, stop, on_ready)
+        runner.deadline = await _run(runtime, stop, on_ready)
 
 
 async def _hubspot(
@@ -232,9 +238,7 @@ async def _assemble(
     intake = Intake(
         defaults=config.default_policy_spec(),
         block_expiration_s=config.block_expiration_s(),
-        action_configs={
-            k: rates.spec_from_mapping(v, where=f"action_configs[{k}]") for k, v in configs.items()
-        },
+        action_configs=_readable_configs(configs),
         clock=clock,
     )
     ingest = Ingest(
@@ -274,6 +278,27 @@ async def _assemble(
     )
 
 
+def _readable_configs(
+    configs: dict[tuple[int, int], Any],
+) -> dict[tuple[int, int], rates.PolicySpec]:
+    """The stored admin configs that can be read; one that cannot (a row from an older
+    version, or edited by hand) is left out and reported: its actions get the defaults."""
+    specs: dict[tuple[int, int], rates.PolicySpec] = {}
+    for (portal_id, action_id), stored in configs.items():
+        try:
+            if not isinstance(stored, dict):
+                raise ValueError(f"not an object: {type(stored).__name__}")
+            specs[portal_id, action_id] = rates.spec_from_mapping(stored, where="action_config")
+        except Exception as exc:  # a stored row: anything may be in it
+            log.error(
+                "action_config_invalid",
+                portal_id=portal_id,
+                action_id=action_id,
+                error=str(exc)[:300],
+            )
+    return specs
+
+
 def _bound_port(runner: web.AppRunner, configured: int) -> int:
     for address in runner.addresses:
         if isinstance(address, tuple) and len(address) >= 2:
@@ -283,7 +308,9 @@ def _bound_port(runner: web.AppRunner, configured: int) -> int:
 
 async def _run(
     runtime: Runtime, stop: asyncio.Event, on_ready: Callable[[Runtime], None] | None
-) -> None:
+) -> float:
+    """Run the loops until `stop`, then drain them; return the shutdown deadline (loop time),
+    which the HTTP server's cleanup must meet too."""
     ingest_stop, claim_stop = asyncio.Event(), asyncio.Event()
     send_stop, writer_stop = asyncio.Event(), asyncio.Event()
     config = runtime.config
@@ -293,7 +320,7 @@ async def _run(
         send_task = tg.create_task(
             runtime.dispatcher.run(send_stop, writer_stop), name="dispatcher"
         )
-        tg.create_task(maintenance(runtime, claim_stop), name="maintenance")
+        maintenance_task = tg.create_task(maintenance(runtime, claim_stop), name="maintenance")
         log.info("throttled_ready", url=runtime.url, pid=os.getpid(), mock=config.hubspot.mock)
         if config.hubspot.mock and sys.stderr.isatty():
             print(_try_it(runtime), file=sys.stderr, flush=True)
@@ -302,10 +329,11 @@ async def _run(
         if on_ready is not None:
             on_ready(runtime)
         await stop.wait()
+        deadline = asyncio.get_running_loop().time() + config.server.shutdown_timeout_s
         log.info("shutdown_started")
         runtime.services.stopping = True
         try:
-            async with asyncio.timeout(config.server.shutdown_timeout_s):
+            async with asyncio.timeout_at(deadline):
                 ingest_stop.set()  # commit what is buffered; new requests already get 503
                 await asyncio.wait([ingest_task])
                 claim_stop.set()  # no new claims ...
@@ -315,10 +343,14 @@ async def _run(
                 await asyncio.wait([send_task])
         except TimeoutError:
             log.error("shutdown_timeout", timeout_s=config.server.shutdown_timeout_s)
-            claim_stop.set()
-            send_stop.set()
-            writer_stop.set()
+            for event in (ingest_stop, claim_stop, send_stop, writer_stop):
+                event.set()
+            # The time is up: what still runs (a send waiting on HubSpot, say) is cancelled;
+            # the rows it held stay claimed and are recovered at the next start.
+            for task in (ingest_task, claim_task, send_task, maintenance_task):
+                task.cancel()
     log.info("shutdown_complete")
+    return deadline
 
 
 def _try_it(runtime: Runtime) -> str:
@@ -402,7 +434,7 @@ async def check_deadlines(runtime: Runtime) -> None:
                         "pending": pending,
                         "drains_at": _iso(eta),
                         "deadline": latest_deadline.isoformat(),
-                        "rate": queue.limiter.policy.describe(),
+                        "rate": queue.limiter.describe(),
                     }
                 )
     runtime.scheduler.at_risk = at_risk
@@ -417,4 +449,7 @@ async def check_deadlines(runtime: Runtime) -> None:
 
 
 def _iso(ts: float) -> str:
-    return "never" if ts == float("inf") else datetime.fromtimestamp(ts, UTC).isoformat()
+    """An instant as ISO-8601; 'never' past the schedule horizon (year 9999)."""
+    if not ts < rates.HORIZON_EPOCH:  # inf, NaN, or beyond what a datetime holds
+        return "never"
+    return datetime.fromtimestamp(max(ts, 0.0), UTC).isoformat()

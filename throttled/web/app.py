@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from throttled import metrics
 from throttled.config import Config
-from throttled.db.repository import DatabaseError, DatabaseUnavailable, Repository
+from throttled.db.repository import DatabaseError, DatabaseUnavailable, NewAction, Repository
 from throttled.hubspot import signature
 from throttled.hubspot.action import PayloadError, parse
 from throttled.ingest import Ingest, Overloaded, Stopping
@@ -69,26 +73,140 @@ def signed_uri(request: web.Request, public_url: str) -> str:
     return f"{request.scheme}://{request.host}{request.raw_path}"
 
 
-async def handle_action(request: web.Request) -> web.Response:
+# What a body read raises when the bytes are not a valid message body: a broken chunked
+# encoding, a connection that closed before the end.
+_BODY_ERRORS = (web.RequestPayloadError, HttpProcessingError, ConnectionError)
+# The content codings the action endpoint decodes itself (aiohttp's decoding is off: it
+# reported bad data as an exception from the body read, br or zstd as a plain-text 400 from
+# its parser, and it does not notice a stream cut short), and the "no coding" ones.
+_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity", ""})
+_DECODED = frozenset({"gzip", "x-gzip", "deflate"})
+_MAX_ECHO = 200  # characters of a path or header value an error body repeats
+
+
+async def handle_action(request: web.Request) -> web.StreamResponse:
     """POST /api/hubspot/action: verify, validate, store durably, answer BLOCK."""
-    services = request.app[SERVICES]
-    cfg = services.config
+    try:  # no handler may answer a bare 500: anything unexpected is logged, answered JSON
+        services = request.app[SERVICES]
+        cfg = services.config
+        refused = _refuse(request, services)
+        if refused is not None:
+            return refused
+        content = request.content
+        try:
+            if content.is_eof():  # the whole body is here (the usual case): no wait
+                body = content.read_nowait()
+            else:
+                read = await _read_slowly(request, cfg)
+                if isinstance(read, web.Response):
+                    return read
+                body = read
+        except _BODY_ERRORS as exc:
+            return _invalid_body(request, exc)
+        if len(body) > cfg.ingest.max_body_bytes:  # (sent chunked)
+            return _too_large(cfg.ingest.max_body_bytes)
+        coding = request.headers.get(hdrs.CONTENT_ENCODING)
+        if coding is not None and (coding := coding.strip().lower()) in _DECODED:
+            decoded = _decode(body, coding, cfg.ingest.max_body_bytes)
+            if isinstance(decoded, web.Response):
+                return decoded
+            body = decoded
+        action = _accept(request, services, body)
+        if isinstance(action, web.Response):
+            return action
+        return await _store(services, action)
+    except Exception as exc:
+        return internal_error(request, exc)
+
+
+def _refuse(request: web.Request, services: Services) -> web.Response | None:
+    """The answer to a request refused on its headers alone, if it is."""
     if services.stopping:
         return error(503, "stopping", "throttled is shutting down; retry", retry_after=5)
-    if request.content_length is not None and request.content_length > cfg.ingest.max_body_bytes:
-        return _too_large(cfg.ingest.max_body_bytes)
-    if request.content_type != "application/json":
+    limit = services.config.ingest.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return _too_large(limit)
+    # The media type from the raw header: aiohttp's parser (the email package's) raises on
+    # some parameters, e.g. `application/json; a*`.
+    content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
+    if content_type != "application/json" and not _is_json(content_type):
         return error(415, "unsupported_media_type", "Content-Type must be application/json")
-    content = request.content
-    if content.is_eof():  # the whole body is here (the usual case): take it without a wait
-        body = content.read_nowait()
-        if len(body) > cfg.ingest.max_body_bytes:  # (decompressed, or sent chunked)
-            return _too_large(cfg.ingest.max_body_bytes)
+    if hdrs.CONTENT_ENCODING in request.headers:
+        return _check_coding(request)
+    return None
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type.partition(";")[0].strip().lower() == "application/json"
+
+
+def _check_coding(request: web.Request) -> web.Response | None:
+    codings = request.headers.getall(hdrs.CONTENT_ENCODING)
+    if len(codings) == 1 and codings[0].strip().lower() in _CODINGS:
+        return None
+    return error(
+        415,
+        "unsupported_media_type",
+        f"Content-Encoding {_clip(', '.join(codings), 40)!r} is not supported "
+        "(gzip, deflate or none)",
+    )
+
+
+async def _read_slowly(request: web.Request, cfg: Config) -> bytes | web.Response:
+    """The rest of a body still arriving, bounded in size and in time."""
+    try:
+        async with asyncio.timeout(cfg.server.body_timeout_s):
+            return await request.read()  # aiohttp enforces client_max_size (= max_body_bytes)
+    except web.HTTPRequestEntityTooLarge:
+        return _too_large(cfg.ingest.max_body_bytes)
+    except TimeoutError:
+        response = error(
+            408,
+            "body_timeout",
+            f"the request body did not arrive within {cfg.server.body_timeout_s:g} s",
+        )
+        response.force_close()  # the rest of the body may still come: not a request
+        return response
+
+
+def _decode(body: bytes, coding: str, limit: int) -> bytes | web.Response:
+    """The body decoded from gzip or deflate: at most `limit` bytes, from a whole stream."""
+    if coding != "deflate":
+        wbits = 16 + zlib.MAX_WBITS  # gzip
+    elif body[:1] and body[0] & 0x0F == 8:  # a zlib stream: deflate as RFC 9110 means it
+        wbits = zlib.MAX_WBITS
+    else:  # raw deflate, which some clients send instead
+        wbits = -zlib.MAX_WBITS
+    stream = zlib.decompressobj(wbits)
+    try:
+        decoded = stream.decompress(body, limit + 1)  # (a small body may inflate a lot)
+    except zlib.error:
+        decoded = b""
     else:
-        try:
-            body = await request.read()  # aiohttp enforces client_max_size (= max_body_bytes)
-        except web.HTTPRequestEntityTooLarge:
-            return _too_large(cfg.ingest.max_body_bytes)
+        if len(decoded) > limit:
+            return _too_large(limit)
+        if stream.eof and not stream.unused_data:
+            return decoded
+    # not compressed data, a stream cut short, or bytes after its end
+    return error(400, "invalid_body", f"the body could not be decoded (Content-Encoding: {coding})")
+
+
+def _invalid_body(request: web.Request, exc: BaseException) -> web.Response:
+    if isinstance(exc, ConnectionError):
+        message = "the connection closed before the whole body was received"
+    else:
+        message = f"the body could not be read ({_clip(str(exc), 100)})"
+    response = error(400, "invalid_body", message)
+    response.force_close()  # what follows the broken body cannot be parsed as a request
+    # The parser has given up on this body and feeds it no more. Marked ended, aiohttp does not
+    # try to drain it after the answer (which would raise, and log, the same error again).
+    request.content.feed_eof()
+    return response
+
+
+def _accept(request: web.Request, services: Services, body: bytes) -> NewAction | web.Response:
+    """The row to store, once the signature is verified and the payload valid."""
+    cfg = services.config
     try:
         version = signature.verify(
             request.headers,
@@ -103,13 +221,12 @@ async def handle_action(request: web.Request) -> web.Response:
     if version == "v1" and not cfg.hubspot.accept_v1_signatures:
         return error(401, "invalid_signature", "v1 signatures are not accepted for actions")
     try:
-        action = services.intake.build(parse(body))
+        return services.intake.build(parse(body))
     except PayloadError as exc:
         return error(400, "invalid_payload", exc.message, field=exc.field)
-    return await _store(services, action)
 
 
-async def _store(services: Services, action: Any) -> web.Response:
+async def _store(services: Services, action: NewAction) -> web.Response:
     retry = services.config.ingest.retry_after_s
     try:
         await services.ingest.submit(action)
@@ -134,6 +251,36 @@ def _too_large(limit: int) -> web.Response:
     return error(413, "payload_too_large", f"request body exceeds {limit} bytes")
 
 
+def _clip(text: str, limit: int = _MAX_ECHO) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def internal_error(request: web.Request, exc: Exception) -> web.Response:
+    """The answer to a request whose handler failed: logged in full, answered without detail."""
+    if isinstance(exc, web.HTTPException):  # raised on purpose: its status, as JSON
+        code = exc.reason.lower().replace(" ", "_")
+        return error(exc.status, code, exc.reason)
+    log.exception("request_failed", method=request.method, path=_clip(request.path))
+    return error(500, "internal_error", "an unexpected error occurred; it has been logged")
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def guarded(handler: Handler) -> Handler:
+    """The handler, answering JSON even when it raises (handle_action does this inline)."""
+
+    async def guard(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return internal_error(request, exc)
+
+    guard.__name__ = guard.__qualname__ = handler.__name__
+    guard.__doc__ = handler.__doc__
+    return guard
+
+
 async def handle_healthz(request: web.Request) -> web.Response:
     """GET /healthz: the process is up."""
     return web.json_response({"status": "ok"})
@@ -156,16 +303,110 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8")
 
 
+class _Connection(web.RequestHandler):
+    """aiohttp's handler of one connection, whose own answers are JSON like ours: to a
+    request it cannot parse (a bad header, no Host, an unknown method...), for one."""
+
+    __slots__ = ("_head", "_request_start")
+
+    def __init__(self, manager: web.Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        # Whether the request being received is a HEAD, whose answer has no body: aiohttp
+        # answers a request it could not parse without knowing its method.
+        self._head = False
+        self._request_start = True
+
+    def data_received(self, data: bytes) -> None:
+        """Note whether a request starting here is a HEAD, then parse as aiohttp does."""
+        if self._request_start and data:
+            self._head = data.startswith(b"HEAD ")
+            self._request_start = False
+        super().data_received(data)
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """Send an answer; a client sends its next request after it (pipelining aside)."""
+        self._request_start = True
+        return await super().finish_response(request, resp, start_time)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's error answer (which logs the error), re-made as a JSON body."""
+        super().handle_error(request, status, exc, message)
+        if status >= 500:
+            response = error(status, "internal_error", "the request could not be handled")
+        else:
+            # The first line only: the rest repeats the offending bytes (a header's value).
+            reason = (message or "").strip().partition("\n")[0].rstrip(":")
+            response = error(status, "bad_request", _clip(reason or "malformed request"))
+        if self._head:
+            response.body = b""
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    """aiohttp's server, handing its connections to _Connection."""
+
+    def __call__(self) -> web.RequestHandler:
+        return _Connection(self, loop=self._loop, **self._kwargs)
+
+
+class Runner(web.AppRunner):
+    """An AppRunner whose cleanup ends by a deadline set when the daemon stops. aiohttp's own
+    `shutdown_timeout` is fixed when the runner is made, and it waits that long twice: for
+    the handlers still running, then again for them to unwind once cancelled."""
+
+    def __init__(self, app: web.Application, *, timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(app, shutdown_timeout=timeout_s / 2, **kwargs)
+        self._timeout_s = timeout_s
+        self.deadline: float | None = None  # the loop time by which cleanup() ends
+
+    async def _make_server(self) -> web.Server:
+        # aiohttp makes its Server itself; the same one, with JSON answers of its own.
+        made = await super()._make_server()
+        return _Server(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            **made._kwargs,
+        )
+
+    async def shutdown(self) -> None:
+        """Run on_shutdown, then close the open connections by the deadline.
+
+        cleanup() calls this once the sites have stopped listening and idle connections are
+        closed; aiohttp's own wait on open connections that follows then finds none."""
+        await super().shutdown()
+        if self.server is None:
+            return
+        now = asyncio.get_running_loop().time()
+        deadline = now + self._timeout_s if self.deadline is None else self.deadline
+        # Half to let handlers finish, half for the cancelled ones to unwind. Never 0, which
+        # aiohttp takes for "no timeout"; over 5 s aiohttp rounds up to a whole second.
+        phase = max((deadline - now) / 2, 0.01)
+        await self.server.shutdown(phase - 1 if phase > 6 else phase)
+
+
 def make_app(services: Services) -> web.Application:
     """The aiohttp application. Unknown paths and methods are answered as JSON by a catch-all
     route rather than a middleware, which would wrap every request, the hot one included."""
-    app = web.Application(client_max_size=services.config.ingest.max_body_bytes)
+    app = web.Application(
+        client_max_size=services.config.ingest.max_body_bytes,
+        handler_args={"auto_decompress": False},  # the action endpoint decodes (see _decode)
+    )
     app[SERVICES] = services
-    routes = {
+    routes: dict[str, tuple[str, Handler]] = {
         "/api/hubspot/action": ("POST", handle_action),
-        "/healthz": ("GET", handle_healthz),
-        "/readyz": ("GET", handle_readyz),
-        "/metrics": ("GET", handle_metrics),
+        "/healthz": ("GET", guarded(handle_healthz)),
+        "/readyz": ("GET", guarded(handle_readyz)),
+        "/metrics": ("GET", guarded(handle_metrics)),
     }
     for path, (method, handler) in routes.items():
         if method == "GET":
@@ -176,13 +417,26 @@ def make_app(services: Services) -> web.Application:
         path: method + (", HEAD" if method == "GET" else "") for path, (method, _) in routes.items()
     }
 
-    async def unmatched(request: web.Request) -> web.Response:
-        methods = allowed.get(request.path)
+    async def unmatched(request: web.Request) -> web.StreamResponse:
+        # The path the router matched against: percent-decoded, except %2F and %25, so that
+        # /api/hubspot%2Faction, which no route matched, is not taken for a known path.
+        path = request.rel_url.path_safe
+        methods = allowed.get(path)
         if methods is None:
-            return error(404, "not_found", f"no such path: {request.path}")
-        response = error(405, "method_not_allowed", f"{request.path} accepts {methods}")
+            return error(404, "not_found", f"no such path: {_clip(path)}")
+        response = error(405, "method_not_allowed", f"{path} accepts {methods}")
         response.headers["Allow"] = methods
         return response
 
-    app.router.add_route("*", "/{tail:.*}", unmatched)
+    anything = _AnyPath("/{tail:.*}")
+    app.router.register_resource(anything)
+    anything.add_route("*", guarded(unmatched))
     return app
+
+
+class _AnyPath(web.DynamicResource):
+    """The catch-all: any path, even one without a leading / (`OPTIONS *`), which would
+    otherwise get aiohttp's plain-text 404."""
+
+    def _match(self, path: str) -> dict[str, str] | None:
+        return {"tail": path}
