@@ -31,7 +31,8 @@ from throttled.metrics import INGEST_PENDING, SENDER_HELD
 from throttled.scheduler import Scheduler
 from throttled.sender import Dispatcher, _wait
 from throttled.tokens import Tokens
-from throttled.web.app import Runner, Services, make_app
+from throttled.web.app import Services, make_app
+from throttled.web.server import Runner
 
 log = structlog.get_logger(__name__)
 

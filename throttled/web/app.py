@@ -147,7 +147,7 @@ def _check_coding(request: web.Request) -> web.Response | None:
     return error(
         415,
         "unsupported_media_type",
-        f"Content-Encoding {_clip(', '.join(codings), 40)!r} is not supported "
+        f"Content-Encoding {clip(', '.join(codings), 40)!r} is not supported "
         "(gzip, deflate or none)",
     )
 
@@ -195,7 +195,7 @@ def _invalid_body(request: web.Request, exc: BaseException) -> web.Response:
     if isinstance(exc, ConnectionError):
         message = "the connection closed before the whole body was received"
     else:
-        message = f"the body could not be read ({_clip(str(exc), 100)})"
+        message = f"the body could not be read ({clip(str(exc), 100)})"
     response = error(400, "invalid_body", message)
     response.force_close()  # what follows the broken body cannot be parsed as a request
     # The parser has given up on this body and feeds it no more. Marked ended, aiohttp does not
@@ -251,7 +251,8 @@ def _too_large(limit: int) -> web.Response:
     return error(413, "payload_too_large", f"request body exceeds {limit} bytes")
 
 
-def _clip(text: str, limit: int = _MAX_ECHO) -> str:
+def clip(text: str, limit: int = _MAX_ECHO) -> str:
+    """Text cut to what an error body may repeat."""
     return text if len(text) <= limit else text[:limit] + "…"
 
 
@@ -260,7 +261,7 @@ def internal_error(request: web.Request, exc: Exception) -> web.Response:
     if isinstance(exc, web.HTTPException):  # raised on purpose: its status, as JSON
         code = exc.reason.lower().replace(" ", "_")
         return error(exc.status, code, exc.reason)
-    log.exception("request_failed", method=request.method, path=_clip(request.path))
+    log.exception("request_failed", method=request.method, path=clip(request.path))
     return error(500, "internal_error", "an unexpected error occurred; it has been logged")
 
 
@@ -303,97 +304,6 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8")
 
 
-class _Connection(web.RequestHandler):
-    """aiohttp's handler of one connection, whose own answers are JSON like ours: to a
-    request it cannot parse (a bad header, no Host, an unknown method...), for one."""
-
-    __slots__ = ("_head", "_request_start")
-
-    def __init__(self, manager: web.Server, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        # Whether the request being received is a HEAD, whose answer has no body: aiohttp
-        # answers a request it could not parse without knowing its method.
-        self._head = False
-        self._request_start = True
-
-    def data_received(self, data: bytes) -> None:
-        """Note whether a request starting here is a HEAD, then parse as aiohttp does."""
-        if self._request_start and data:
-            self._head = data.startswith(b"HEAD ")
-            self._request_start = False
-        super().data_received(data)
-
-    async def finish_response(
-        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
-        """Send an answer; a client sends its next request after it (pipelining aside)."""
-        self._request_start = True
-        return await super().finish_response(request, resp, start_time)
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        """aiohttp's error answer (which logs the error), re-made as a JSON body."""
-        super().handle_error(request, status, exc, message)
-        if status >= 500:
-            response = error(status, "internal_error", "the request could not be handled")
-        else:
-            # The first line only: the rest repeats the offending bytes (a header's value).
-            reason = (message or "").strip().partition("\n")[0].rstrip(":")
-            response = error(status, "bad_request", _clip(reason or "malformed request"))
-        if self._head:
-            response.body = b""
-        response.force_close()
-        return response
-
-
-class _Server(web.Server):
-    """aiohttp's server, handing its connections to _Connection."""
-
-    def __call__(self) -> web.RequestHandler:
-        return _Connection(self, loop=self._loop, **self._kwargs)
-
-
-class Runner(web.AppRunner):
-    """An AppRunner whose cleanup ends by a deadline set when the daemon stops. aiohttp's own
-    `shutdown_timeout` is fixed when the runner is made, and it waits that long twice: for
-    the handlers still running, then again for them to unwind once cancelled."""
-
-    def __init__(self, app: web.Application, *, timeout_s: float, **kwargs: Any) -> None:
-        super().__init__(app, shutdown_timeout=timeout_s / 2, **kwargs)
-        self._timeout_s = timeout_s
-        self.deadline: float | None = None  # the loop time by which cleanup() ends
-
-    async def _make_server(self) -> web.Server:
-        # aiohttp makes its Server itself; the same one, with JSON answers of its own.
-        made = await super()._make_server()
-        return _Server(
-            made.request_handler,
-            request_factory=made.request_factory,
-            handler_cancellation=made.handler_cancellation,
-            **made._kwargs,
-        )
-
-    async def shutdown(self) -> None:
-        """Run on_shutdown, then close the open connections by the deadline.
-
-        cleanup() calls this once the sites have stopped listening and idle connections are
-        closed; aiohttp's own wait on open connections that follows then finds none."""
-        await super().shutdown()
-        if self.server is None:
-            return
-        now = asyncio.get_running_loop().time()
-        deadline = now + self._timeout_s if self.deadline is None else self.deadline
-        # Half to let handlers finish, half for the cancelled ones to unwind. Never 0, which
-        # aiohttp takes for "no timeout"; over 5 s aiohttp rounds up to a whole second.
-        phase = max((deadline - now) / 2, 0.01)
-        await self.server.shutdown(phase - 1 if phase > 6 else phase)
-
-
 def make_app(services: Services) -> web.Application:
     """The aiohttp application. Unknown paths and methods are answered as JSON by a catch-all
     route rather than a middleware, which would wrap every request, the hot one included."""
@@ -423,7 +333,7 @@ def make_app(services: Services) -> web.Application:
         path = request.rel_url.path_safe
         methods = allowed.get(path)
         if methods is None:
-            return error(404, "not_found", f"no such path: {_clip(path)}")
+            return error(404, "not_found", f"no such path: {clip(path)}")
         response = error(405, "method_not_allowed", f"{path} accepts {methods}")
         response.headers["Allow"] = methods
         return response
