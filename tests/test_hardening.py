@@ -29,7 +29,7 @@ DAY = {"maxThroughput": "100", "timeUnit": "days"}
 
 def _sql(db_url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(db_url, autocommit=True) as conn:
-        cursor = conn.execute(sql, params)
+        cursor = conn.execute(sql, params or None)
         return cursor.fetchall() if cursor.description else []
 
 
@@ -304,6 +304,7 @@ async def test_a_duplicate_has_no_side_effect_on_its_queue(daemon_factory, db_ur
     [
         ("120", 120.0),
         (" 7 ", 7.0),
+        ("0.5", 0.5),
         ("99999999999", 86400.0),
         ("²", None),
         ("inf", None),
@@ -385,3 +386,41 @@ async def test_an_unreadable_admin_config_row_is_skipped_at_start_up(
         assert daemon.runtime.services.intake.action_configs == {}
         await daemon.connect_portal(fake_hubspot, PORTAL)
         await _completes(daemon, fake_hubspot)
+
+
+DEEP = "[" * 3000 + "]" * 3000
+HUGE = "9" * 5000
+HAND_EDITED = [
+    "UPDATE queues SET created_at = '20000-01-01' WHERE key LIKE '%poisoned'",
+    "UPDATE queues SET created_at = '4713-01-01 BC' WHERE key LIKE '%poisoned'",
+    "UPDATE queues SET created_at = 'infinity' WHERE key LIKE '%poisoned'",
+    f"UPDATE queues SET override = '{{\"max_throughput\": {DEEP}}}' WHERE key LIKE '%poisoned'",
+    f"UPDATE queues SET override = '{{\"max_throughput\": {HUGE}}}' WHERE key LIKE '%poisoned'",
+    f"UPDATE queues SET policy = '{DEEP}' WHERE key LIKE '%poisoned'",
+    "UPDATE actions SET not_before = 'infinity' WHERE callback_id LIKE '%poisoned'",
+    "UPDATE actions SET not_before = '4713-01-01 BC' WHERE callback_id LIKE '%poisoned'",
+    "UPDATE actions SET deadline = 'infinity' WHERE callback_id LIKE '%poisoned'",
+    "UPDATE actions SET state = 'done', sent_at = '20000-01-01' WHERE callback_id LIKE '%poisoned'",
+    "UPDATE portals SET access_token = 'x', access_expires_at = '20000-01-01'",
+]
+
+
+@pytest.mark.parametrize("edit", HAND_EDITED, ids=range(len(HAND_EDITED)))
+async def test_rows_edited_by_hand_never_stop_the_daemon(fake_hubspot, db_url, edit):
+    _store_queue(db_url, "queue:62515:named:poisoned", {"limit": 5, "period_s": 1.0}, "2100-01-01")
+    _store_queue(db_url, "queue:62515:named:healthy", {"limit": 5, "period_s": 1.0}, "2100-01-01")
+    cfg = make_config(db_url, fake_hubspot.base_url)
+    fake_hubspot.register_portal(PORTAL, "refresh-edited")
+    async with running(cfg) as daemon:  # a first start stores the portal's tokens
+        await daemon.runtime.dispatcher.tokens.connect(PORTAL, "refresh-edited")
+        await wait_for(lambda: "stored-queue:62515:named:healthy" in fake_hubspot.completed)
+    _sql(db_url, edit)
+    _sql(db_url, "UPDATE actions SET state = 'pending' WHERE callback_id LIKE '%healthy'")
+    fake_hubspot.completed.clear()
+    async with running(cfg) as daemon:  # recovery, claims, maintenance over the edited rows
+        await wait_for(lambda: "stored-queue:62515:named:healthy" in fake_hubspot.completed)
+        await maintain_once(daemon.runtime)
+        fresh = action_payload(portal_id=PORTAL, input_fields={**DAY, "queueName": "poisoned"})
+        assert (await daemon.post_action(fresh))[0] == 200
+        await _completes(daemon, fake_hubspot)
+        await wait_for(lambda: fresh["callbackId"] in fake_hubspot.completed)

@@ -339,8 +339,8 @@ class RatePolicy:
                 pacing=parse_pacing(d.get("pacing", "window")),
                 schedule=None if schedule is None else ReleaseSchedule.from_json(schedule),
             )
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"malformed rate policy {_brief(dict(d))}: {_brief(exc)}") from None
+        except (KeyError, TypeError, AttributeError, OverflowError) as exc:
+            raise ValueError(f"malformed rate policy {_brief(d)}: {_brief(exc)}") from None
 
     def describe(self) -> str:
         """Human-readable summary, e.g. '10 per 1 second, window'."""

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from throttled.crypto import KeyRing
+from throttled.crypto import CryptoError, KeyRing
 from throttled.db.repository import Repository
 from throttled.hubspot.client import HubSpotClient, TokenError
 
@@ -88,9 +88,13 @@ class Tokens:
         if row.access_token and row.access_expires_at and portal_id not in self._stale:
             expires = row.access_expires_at.timestamp()
             if expires - self._margin_s > self._clock():
-                token = self._keyring.decrypt(row.access_token, aad=_aad(portal_id, "access"))
-                self._cache[portal_id] = _Cached(token, expires)
-                return token
+                try:
+                    token = self._keyring.decrypt(row.access_token, aad=_aad(portal_id, "access"))
+                except CryptoError as exc:  # a stored row: unreadable means "refresh it"
+                    log.warning("access_token_unreadable", portal_id=portal_id, error=str(exc))
+                else:
+                    self._cache[portal_id] = _Cached(token, expires)
+                    return token
         refresh = self._keyring.decrypt(row.refresh_token, aad=_aad(portal_id, "refresh"))
         return await self._refresh(portal_id, refresh)
 

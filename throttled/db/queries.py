@@ -5,16 +5,30 @@ older version or by hand: PostgreSQL holds years up to 294276, a datetime only u
 are clamped where they are read, so no row can fail to decode.
 """
 
-# The latest instant read back (rates.HORIZON): every timestamp throttled decodes fits.
+# The range of instants read back (1970 to rates.HORIZON): every timestamp decodes.
 _HORIZON = "'9999-12-01 00:00:00+00'::timestamptz"
+_EPOCH = "'1970-01-01 00:00:00+00'::timestamptz"
+
+
+def _readable(column: str, *, nullable: bool = False) -> str:
+    """A timestamp column clamped to what a datetime holds (BC, year 20000, infinity)."""
+    clamped = f"LEAST(GREATEST({column}, {_EPOCH}), {_HORIZON})"  # (GREATEST skips NULL)
+    return f"CASE WHEN {column} IS NULL THEN NULL ELSE {clamped} END" if nullable else clamped
+
+
+_CREATED = _readable("created_at") + " AS created_at"
+# A send recorded far ahead of the database's clock (a row edited by hand, a clock that
+# jumped) would hold its queue until then: it counts as a second from now at most (room
+# for clocks a little apart, as several instances' may be).
+_SOON = "now() + interval '1 second'"
 
 # -- intake ---------------------------------------------------------------------------------
 
-UPSERT_QUEUES = """
+UPSERT_QUEUES = f"""
 INSERT INTO queues (key, portal_id, policy)
 SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[])
 ON CONFLICT (key) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()
-RETURNING id, key, portal_id, policy, override, created_at
+RETURNING id, key, portal_id, policy, override, {_CREATED}
 """
 
 STORED_CALLBACKS = "SELECT callback_id FROM actions WHERE callback_id = ANY($1::text[])"
@@ -52,28 +66,28 @@ WITH req AS (
 UPDATE actions a SET state = 'claimed', claimed_at = now()
 FROM picked WHERE a.id = picked.id
 RETURNING a.id, a.callback_id, a.queue_id, a.portal_id, a.priority,
-          LEAST(a.deadline, {_HORIZON}) AS deadline, a.attempts, a.failures, a.split_group
+          {_readable("a.deadline")} AS deadline, a.attempts, a.failures, a.split_group
 """
 
 # When each queue's earliest held-back row becomes claimable (retry backoff), for queues
 # whose claim came back short. A backoff that ended between the claim and this query is
 # returned too (in the past): the queue re-arms at once instead of going idle.
 NEXT_NOT_BEFORE = f"""
-SELECT queue_id, LEAST(min(not_before), {_HORIZON}) AS at
+SELECT queue_id, {_readable("min(not_before)")} AS at
 FROM actions
 WHERE queue_id = ANY($1::bigint[]) AND state = 'pending' AND not_before IS NOT NULL
   AND deadline > now()
 GROUP BY queue_id
 """
 
-ACTIVE_QUEUES = """
-SELECT q.id, q.key, q.portal_id, q.policy, q.override, q.created_at
+ACTIVE_QUEUES = f"""
+SELECT q.id, q.key, q.portal_id, q.policy, q.override, {_readable("q.created_at")} AS created_at
 FROM queues q
 WHERE EXISTS (SELECT 1 FROM actions a WHERE a.queue_id = q.id AND a.state = 'pending')
 """
 
-GET_QUEUES = """
-SELECT id, key, portal_id, policy, override, created_at FROM queues WHERE id = ANY($1::bigint[])
+GET_QUEUES = f"""
+SELECT id, key, portal_id, policy, override, {_CREATED} FROM queues WHERE id = ANY($1::bigint[])
 """
 
 # -- results --------------------------------------------------------------------------------
@@ -132,19 +146,19 @@ SELECT queue_id, count(*)::int AS n FROM r GROUP BY queue_id
 """
 
 RECENT_SENDS = f"""
-SELECT queue_id, LEAST(sent_at, {_HORIZON}) AS sent_at, count(*)::int AS n FROM actions
+SELECT queue_id, LEAST(sent_at, {_SOON}) AS sent_at, count(*)::int AS n FROM actions
 WHERE sent_at > $1 AND state IN ('done', 'failed')
 GROUP BY queue_id, sent_at
 UNION ALL
-SELECT queue_id, LEAST(sent_at, {_HORIZON}), n FROM queue_sends WHERE sent_at > $1
+SELECT queue_id, LEAST(sent_at, {_SOON}), n FROM queue_sends WHERE sent_at > $1
 """
 
 RECENT_SENDS_FOR = f"""
-SELECT queue_id, LEAST(sent_at, {_HORIZON}) AS sent_at, count(*)::int AS n FROM actions
+SELECT queue_id, LEAST(sent_at, {_SOON}) AS sent_at, count(*)::int AS n FROM actions
 WHERE queue_id = ANY($2::bigint[]) AND sent_at > $1 AND state IN ('done', 'failed')
 GROUP BY queue_id, sent_at
 UNION ALL
-SELECT queue_id, LEAST(sent_at, {_HORIZON}), n FROM queue_sends
+SELECT queue_id, LEAST(sent_at, {_SOON}), n FROM queue_sends
 WHERE queue_id = ANY($2::bigint[]) AND sent_at > $1
 """
 
@@ -173,8 +187,9 @@ DELETE FROM actions WHERE id IN (
 
 # -- portals and tokens ---------------------------------------------------------------------
 
-GET_PORTAL = """
-SELECT portal_id, refresh_token, access_token, access_expires_at
+GET_PORTAL = f"""
+SELECT portal_id, refresh_token, access_token,
+       {_readable("access_expires_at", nullable=True)} AS access_expires_at
 FROM portals WHERE portal_id = $1
 """
 
@@ -196,7 +211,7 @@ WHERE portal_id = $1
 PING = "SELECT 1"
 
 PENDING_BY_QUEUE = f"""
-SELECT queue_id, count(*)::int AS pending, LEAST(max(deadline), {_HORIZON}) AS latest_deadline
+SELECT queue_id, count(*)::int AS pending, {_readable("max(deadline)")} AS latest_deadline
 FROM actions WHERE state = 'pending' GROUP BY queue_id
 """
 

@@ -137,9 +137,32 @@ class Retry:
     split_group: int | None
 
 
+class Unreadable:
+    """A stored JSON value Python cannot read (nested too deep, a number with thousands of
+    digits): decoded as this marker instead of failing the whole statement, so that the one
+    row it sits in is held (a policy) or ignored, never a query that fails forever."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Unreadable({self.reason!r})"
+
+
+def _decode_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return Unreadable(f"{type(exc).__name__}: {str(exc)[:100]}")
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for kind in ("json", "jsonb"):
-        await conn.set_type_codec(kind, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        await conn.set_type_codec(
+            kind, encoder=json.dumps, decoder=_decode_json, schema="pg_catalog"
+        )
 
 
 def asyncpg_dsn(url: str) -> str:

@@ -46,6 +46,7 @@ class TokenResponse:
 MAX_RETRY_AFTER_S = 86_400.0  # a DAILY limit resets within a day
 MAX_TOKEN_LIFETIME_S = 86_400.0  # HubSpot grants 30 minutes
 _DIGITS = re.compile(r"[0-9]{1,12}")
+_SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,6})?")
 
 
 class TokenError(Exception):
@@ -150,7 +151,7 @@ def retry_after_s(raw: str | None, now: float) -> float | None:
     if not raw:
         return None
     text = raw.strip()
-    if _DIGITS.fullmatch(text):
+    if _SECONDS.fullmatch(text):  # (RFC 9110 says an integer; a fraction is taken too)
         return min(float(text), MAX_RETRY_AFTER_S)
     try:
         when = email.utils.parsedate_to_datetime(text)
