@@ -487,3 +487,10 @@ def test_more_values_that_would_crash_later_are_refused(raw, message):
 def test_an_environment_value_that_is_not_utf8_is_refused():
     message = _rejected({}, {"HUBSPOT_CLIENT_SECRET": "s\udcff"})
     assert message.startswith("hubspot.client_secret (from HUBSPOT_CLIENT_SECRET): not valid")
+
+
+@pytest.mark.parametrize("host", ["a" * 64 + ".example", "a..b", ".", "x" * 300])
+def test_a_host_name_that_cannot_be_looked_up_is_refused(host: str) -> None:
+    raw = {"hubspot": {"api_base_url": f"https://{host}/", "client_secret": "x"}}
+    with pytest.raises(config_module.ConfigError, match=r"hubspot\.api_base_url"):
+        config_module.validate(config_module.from_mapping(raw))

@@ -424,3 +424,38 @@ async def test_rows_edited_by_hand_never_stop_the_daemon(fake_hubspot, db_url, e
         assert (await daemon.post_action(fresh))[0] == 200
         await _completes(daemon, fake_hubspot)
         await wait_for(lambda: fresh["callbackId"] in fake_hubspot.completed)
+
+
+async def test_a_stored_failure_count_past_any_exponent_backs_off_at_most_the_cap(
+    fake_hubspot, db_url
+):
+    _store_queue(db_url, "queue:62515:named:tried", {"limit": 5, "period_s": 1.0}, "2100-01-01")
+    _sql(db_url, "UPDATE actions SET failures = 2147483647, attempts = 5")
+    # (a hold every 1,000th failure: the next one, 1,000,001, is no hold, just the backoff)
+    cfg = make_config(db_url, fake_hubspot.base_url, sender={"hold_after_failures": 1000})
+    async with running(cfg) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        fake_hubspot.fail_next(500)
+        await wait_for(lambda: "stored-queue:62515:named:tried" in fake_hubspot.completed)
+        assert not daemon.task.done()
+
+
+async def test_a_refresh_token_that_cannot_be_decrypted_holds_its_portal_only(fake_hubspot, db_url):
+    other = PORTAL + 1
+    async with running(make_config(db_url, fake_hubspot.base_url)) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        await daemon.connect_portal(fake_hubspot, other)
+        _sql(db_url, "UPDATE portals SET refresh_token = 'v1.garbage', access_token = NULL")
+        daemon.runtime.dispatcher.tokens.invalidate(PORTAL)
+        await daemon.runtime.dispatcher.tokens.connect(other, "refresh-other")
+        fake_hubspot.register_portal(other, "refresh-other")
+        held = action_payload(portal_id=PORTAL, input_fields={"maxThroughput": "5"})
+        assert (await daemon.post_action(held))[0] == 200
+        payload = action_payload(portal_id=other, input_fields={"maxThroughput": "5"})
+        assert (await daemon.post_action(payload))[0] == 200
+        await wait_for(lambda: payload["callbackId"] in fake_hubspot.completed)
+        assert held["callbackId"] not in fake_hubspot.completed
+        assert not daemon.task.done()
+    assert _sql(db_url, "SELECT state FROM actions WHERE callback_id = %s", held["callbackId"]) == [
+        ("pending",)
+    ]

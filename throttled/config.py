@@ -558,8 +558,18 @@ def _check_http_url(value: str, where: str) -> None:
         parts.port  # noqa: B018  (raises ValueError for a port that is not 0..65535)
     except ValueError:
         raise ConfigError(message) from None
-    if not parts.hostname:
+    if not parts.hostname or not _resolvable_name(parts.hostname):
         raise ConfigError(message)
+
+
+def _resolvable_name(host: str) -> bool:
+    """Whether a host name can be looked up at all (IDNA: labels of 1..63, 253 in all);
+    otherwise the first request fails with a UnicodeError, not a connection error."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 def _check_database_url(url: str) -> None:

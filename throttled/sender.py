@@ -20,6 +20,7 @@ import structlog
 
 from throttled import metrics
 from throttled.config import SenderConfig
+from throttled.crypto import CryptoError
 from throttled.db.repository import ClaimedAction, DatabaseError, Repository, Retry
 from throttled.hubspot.client import CompletionResult, HubSpotClient, TokenError
 from throttled.queues import QueueState
@@ -300,6 +301,9 @@ class PortalSender:
             return _NoToken(60.0, "portal not connected")
         except (TokenError, DatabaseError) as exc:
             return _NoToken(self._d.backoff(1), f"token: {exc}")
+        except CryptoError as exc:  # a stored token the key ring cannot open (rotated away?)
+            log.error("portal_token_unreadable", portal_id=self.portal_id, error=str(exc))
+            return _NoToken(60.0, "stored token cannot be decrypted")
 
     def _send_one(self, token: str | _NoToken) -> bool:
         at = self._d.clock()
@@ -613,7 +617,9 @@ class Dispatcher:
 
     def backoff(self, failures: int) -> float:
         """Exponential backoff with full jitter."""
-        cap = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (failures - 1))
+        # (failures comes from a stored row: the exponent is capped before it is computed)
+        doubling = 2.0 ** min(max(failures - 1, 0), 64)
+        cap = min(self.config.backoff_max_s, self.config.backoff_base_s * doubling)
         return random.uniform(cap / 2, cap)
 
     def put(

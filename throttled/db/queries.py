@@ -17,6 +17,13 @@ def _readable(column: str, *, nullable: bool = False) -> str:
 
 
 _CREATED = _readable("created_at") + " AS created_at"
+
+
+def _next(counter: str, step: str = "1") -> str:
+    """A counter plus a step that cannot overflow integer (a row edited by hand)."""
+    return f"LEAST({counter}, 1000000) + {step}"
+
+
 # A send recorded far ahead of the database's clock (a row edited by hand, a clock that
 # jumped) would hold its queue until then: it counts as a second from now at most (room
 # for clocks a little apart, as several instances' may be).
@@ -92,29 +99,29 @@ SELECT id, key, portal_id, policy, override, {_CREATED} FROM queues WHERE id = A
 
 # -- results --------------------------------------------------------------------------------
 
-MARK_DONE = """
+MARK_DONE = f"""
 UPDATE actions a
 SET state = 'done', completed_at = now(), sent_at = x.sent_at, last_error = NULL,
-    attempts = a.attempts + 1, failures = 0
+    attempts = {_next("a.attempts")}, failures = 0
 FROM unnest($1::bigint[], $2::timestamptz[]) AS x(id, sent_at)
 WHERE a.id = x.id AND a.state = 'claimed'
 """
 
-MARK_RETRY = """
+MARK_RETRY = f"""
 UPDATE actions a
 SET state = 'pending', not_before = x.not_before, last_error = x.error,
-    attempts = a.attempts + x.counted, failures = CASE WHEN x.counted = 1
-        THEN a.failures + 1 ELSE a.failures END,
+    attempts = {_next("a.attempts", "x.counted")}, failures = CASE WHEN x.counted = 1
+        THEN {_next("a.failures")} ELSE a.failures END,
     split_group = x.split_group
 FROM unnest($1::bigint[], $2::timestamptz[], $3::text[], $4::int[], $5::bigint[])
      AS x(id, not_before, error, counted, split_group)
 WHERE a.id = x.id AND a.state = 'claimed'
 """
 
-MARK_FAILED = """
+MARK_FAILED = f"""
 UPDATE actions a
 SET state = 'failed', completed_at = now(), last_error = x.error,
-    attempts = a.attempts + 1, failures = a.failures + 1,
+    attempts = {_next("a.attempts")}, failures = {_next("a.failures")},
     sent_at = COALESCE(x.sent_at, a.sent_at)
 FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS x(id, error, sent_at)
 WHERE a.id = x.id AND a.state = 'claimed'

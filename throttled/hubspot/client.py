@@ -45,6 +45,9 @@ class TokenResponse:
 # What HubSpot answers is outside input too: every value taken from it is bounded here.
 MAX_RETRY_AFTER_S = 86_400.0  # a DAILY limit resets within a day
 MAX_TOKEN_LIFETIME_S = 86_400.0  # HubSpot grants 30 minutes
+# A request that got no answer: a timeout, a network error, or a host name that cannot
+# even be looked up (UnicodeError, a ValueError).
+_UNREACHABLE = (TimeoutError, OSError, ValueError, aiohttp.ClientError)
 _DIGITS = re.compile(r"[0-9]{1,12}")
 _SECONDS = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,6})?")
 
@@ -118,7 +121,7 @@ class HubSpotClient:
             ) as resp:
                 text = await resp.text() if resp.status != 204 else ""
                 return _result(resp.status, resp.headers, text)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except _UNREACHABLE as exc:
             return CompletionResult(status=0, message=f"{type(exc).__name__}: {exc}"[:500])
 
     async def refresh(self, refresh_token: str) -> TokenResponse:
@@ -135,7 +138,7 @@ class HubSpotClient:
             ) as resp:
                 text = await resp.text()
                 status = resp.status
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except _UNREACHABLE as exc:
             raise TokenError(
                 f"token endpoint unreachable: {type(exc).__name__}", permanent=False
             ) from None
