@@ -494,3 +494,25 @@ def test_a_host_name_that_cannot_be_looked_up_is_refused(host: str) -> None:
     raw = {"hubspot": {"api_base_url": f"https://{host}/", "client_secret": "x"}}
     with pytest.raises(config_module.ConfigError, match=r"hubspot\.api_base_url"):
         config_module.validate(config_module.from_mapping(raw))
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PORT", "8_080"),
+        ("PORT", "٨٠٨٠"),
+        ("THROTTLED_SENDER_BACKOFF_BASE_S", "1_0"),
+        ("THROTTLED_SENDER_BACKOFF_BASE_S", "１"),
+        ("THROTTLED_SENDER_BACKOFF_BASE_S", "nan"),
+        ("THROTTLED_INGEST_FLUSHERS", "0x2"),
+    ],
+)
+def test_environment_numbers_are_plain_ascii_decimals(name: str, value: str) -> None:
+    with pytest.raises(config_module.ConfigError, match=name):
+        config_module.load(None, environ={name: value})
+
+
+def test_the_token_refresh_margin_is_at_most_half_a_token_lifetime() -> None:
+    raw = {"hubspot": {"token_refresh_margin_s": 1000.0}}
+    with pytest.raises(config_module.ConfigError, match=r"hubspot\.token_refresh_margin_s"):
+        config_module.validate(config_module.from_mapping(raw))

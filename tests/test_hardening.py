@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import action_payload, make_config, running, wait_for
 from throttled import metrics, rates
-from throttled.daemon import maintain_once
+from throttled.daemon import StartupError, maintain_once
 from throttled.hubspot import client
 from throttled.hubspot.action import PayloadError, parse
 from throttled.intake import Intake
@@ -402,6 +402,9 @@ HAND_EDITED = [
     "UPDATE actions SET deadline = 'infinity' WHERE callback_id LIKE '%poisoned'",
     "UPDATE actions SET state = 'done', sent_at = '20000-01-01' WHERE callback_id LIKE '%poisoned'",
     "UPDATE portals SET access_token = 'x', access_expires_at = '20000-01-01'",
+    "INSERT INTO queue_sends SELECT id, now() + interval '1 hour', -5 FROM queues"
+    " WHERE key LIKE '%poisoned'",
+    "UPDATE actions SET attempts = -2147483648, failures = -5 WHERE callback_id LIKE '%poisoned'",
 ]
 
 
@@ -459,3 +462,48 @@ async def test_a_refresh_token_that_cannot_be_decrypted_holds_its_portal_only(fa
     assert _sql(db_url, "SELECT state FROM actions WHERE callback_id = %s", held["callbackId"]) == [
         ("pending",)
     ]
+
+
+async def test_rows_claimed_ahead_expire_when_their_queue_stops_releasing(daemon_factory, db_url):
+    # Claimed ahead (claim_ahead_s), then the queue's policy moves its start past the horizon
+    # of the rows' deadlines: they are expired at their deadline, not kept claimed.
+    async with daemon_factory(
+        hubspot={"block_expiration": "PT3S"}, sender={"claim_ahead_s": 5.0}
+    ) as daemon:
+        fields = {"maxThroughput": "1", "timeUnit": "seconds", "queueName": "moved"}
+        for _ in range(5):
+            assert (await daemon.post_action(action_payload(input_fields=fields)))[0] == 200
+        later = {**fields, "startAt": "9999-11-30T00:00:00Z"}
+        assert (await daemon.post_action(action_payload(input_fields=later)))[0] == 200
+
+        def states() -> set[str]:
+            return {state for (state,) in _sql(db_url, "SELECT state FROM actions")}
+
+        await wait_for(lambda: "claimed" not in states() and "pending" not in states())
+        assert states() <= {"expired", "done"}
+
+
+async def test_retention_keeps_the_rate_log_a_window_may_still_need(daemon_factory, db_url):
+    async with daemon_factory(retention={"done_days": 0.0001}) as daemon:
+        payload = action_payload(input_fields={"maxThroughput": "5", "timeUnit": "minutes"})
+        assert (await daemon.post_action(payload))[0] == 200
+        _sql(
+            db_url,
+            "UPDATE actions SET state = 'done', sent_at = now() - interval '30 seconds',"
+            " completed_at = now() - interval '1 hour'",
+        )
+        await maintain_once(daemon.runtime)
+    assert _sql(db_url, "SELECT count(*) FROM actions") == [(1,)]
+
+
+async def test_the_block_expiration_is_answered_as_hubspot_documents_it(daemon_factory):
+    async with daemon_factory(hubspot={"block_expiration": " p7d "}) as daemon:
+        status, body = await daemon.post_action(action_payload())
+        assert (status, body["outputFields"]["hs_expiration_duration"]) == (200, "P7D")
+
+
+async def test_an_address_that_cannot_be_listened_on_is_one_startup_error(fake_hubspot, db_url):
+    cfg = make_config(db_url, fake_hubspot.base_url, server={"host": "203.0.113.7"})
+    with pytest.raises(StartupError, match=r"server\.host"):
+        async with running(cfg):
+            pass

@@ -121,7 +121,7 @@ class HubSpotConfig:
     token_path: str = "/oauth/v1/token"
     send_typed_outputs: bool = False
     accept_v1_signatures: bool = False
-    token_refresh_margin_s: float = _num(300.0, 0, 86400)
+    token_refresh_margin_s: float = _num(300.0, 0, 900)  # (HubSpot tokens last 1,800 s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -447,12 +447,19 @@ def _to_bool(value: Any, where: str) -> bool:
     return value
 
 
+# Numbers from the environment: plain ASCII decimals (int() and float() also take '8_080',
+# Arabic-Indic or full-width digits, 'inf' and 'nan').
+_ENV_INT = re.compile(r"[+-]?[0-9]{1,30}")
+_ENV_FLOAT = re.compile(
+    r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][+-]?[0-9]{1,3})?"
+)
+
+
 def _to_int(value: Any, where: str) -> int:
     if isinstance(value, _EnvText):
-        try:
-            return int(value.strip())
-        except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {brief(value)}") from None
+        if not _ENV_INT.fullmatch(value.strip()):
+            raise ConfigError(f"{where}: expected an integer, got {brief(value)}")
+        return int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{where}: expected an integer, got {brief(value)}")
     return int(value)
@@ -460,6 +467,8 @@ def _to_int(value: Any, where: str) -> int:
 
 def _to_float(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | _EnvText):
+        raise ConfigError(f"{where}: expected a number, got {brief(value)}")
+    if isinstance(value, _EnvText) and not _ENV_FLOAT.fullmatch(value.strip()):
         raise ConfigError(f"{where}: expected a number, got {brief(value)}")
     try:
         number = float(value)

@@ -141,7 +141,8 @@ async def serve(
 ) -> None:
     """Run until `stop` is set, then shut down gracefully within the shutdown timeout."""
     stop = stop or asyncio.Event()
-    keyring = keyring_for(config)
+    keyring = keyring_for(config)  # (checked before any database work, as is the secret)
+    signing_secrets(config)
     async with contextlib.AsyncExitStack() as stack:
         url = await stack.enter_async_context(database_url(config))
         await check_migrations(config, url)
@@ -169,7 +170,13 @@ async def serve(
         await runner.setup()
         stack.push_async_callback(runner.cleanup)  # closes open connections by its deadline
         site = web.TCPSite(runner, config.server.host, config.server.port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            where = f"{config.server.host}:{config.server.port}"
+            raise StartupError(
+                f"server.host/server.port: cannot listen on {where}: {exc.strerror or exc}"
+            ) from None
         runtime.port = _bound_port(runner, config.server.port)
         runner.deadline = await _run(runtime, stop, on_ready)
 
@@ -251,18 +258,14 @@ async def _assemble(
         overlap_s=config.ingest.overlap_ms / 1000,
         on_stored=scheduler.notify,
     )
-    secrets = tuple(
-        s.reveal() for s in (hs.client_secret, *hs.previous_client_secrets) if s.reveal()
-    )
-    if not secrets:
-        raise StartupError("hubspot.client_secret (or HUBSPOT_CLIENT_SECRET) is required")
+    secrets = signing_secrets(config)
     services = Services(
         config=config,
         repo=repo,
         ingest=ingest,
         intake=intake,
         secrets=secrets,
-        expiration=hs.block_expiration,
+        expiration=hs.block_expiration.strip().upper(),  # (as HubSpot documents it: P7D)
     )
     INGEST_PENDING.read = lambda: float(ingest.pending)
     SENDER_HELD.read = lambda: float(dispatcher.held)
@@ -300,6 +303,17 @@ def _readable_configs(
     return specs
 
 
+def signing_secrets(config: Config) -> tuple[str, ...]:
+    """The secrets that verify request signatures; StartupError if there is none."""
+    hs = config.hubspot
+    secrets = tuple(
+        s.reveal() for s in (hs.client_secret, *hs.previous_client_secrets) if s.reveal()
+    )
+    if not secrets:
+        raise StartupError("hubspot.client_secret (or HUBSPOT_CLIENT_SECRET) is required")
+    return secrets
+
+
 def _bound_port(runner: web.AppRunner, configured: int) -> int:
     for address in runner.addresses:
         if isinstance(address, tuple) and len(address) >= 2:
@@ -323,7 +337,7 @@ async def _run(
         )
         maintenance_task = tg.create_task(maintenance(runtime, claim_stop), name="maintenance")
         log.info("throttled_ready", url=runtime.url, pid=os.getpid(), mock=config.hubspot.mock)
-        if config.hubspot.mock and sys.stderr.isatty():
+        if config.hubspot.mock and sys.stderr.isatty() and config.logging.format != "json":
             print(_try_it(runtime), file=sys.stderr, flush=True)
         elif config.hubspot.mock:
             log.info("mock_mode", try_it=_try_it(runtime).strip())
@@ -398,21 +412,22 @@ async def maintain_once(runtime: Runtime, *, full: bool = True) -> None:
     repo, retention = runtime.repo, runtime.config.retention
     expired = await repo.expire_due(retention.batch_size)
     if expired:
+        metrics.EXPIRED.inc(len(expired))
         log.warning("actions_expired", count=len(expired), queues=len(set(expired)))
     if not full:
         return
     now = datetime.now(UTC)
+    # Sent rows are the rate log: none is deleted while a queue's window may still hold it,
+    # whatever retention.done_days says (a restart would forget it, and burst).
+    tracked = (q.limiter.policy.period_s for q in runtime.scheduler.queues.values())
+    longest = max(await repo.longest_period(), *tracked, 86400.0)
+    keep = max(timedelta(days=retention.done_days), timedelta(seconds=longest))
     deleted = await repo.delete_finished(
-        now - timedelta(days=retention.done_days),
-        now - timedelta(days=retention.failed_days),
-        retention.batch_size,
+        now - keep, now - max(timedelta(days=retention.failed_days), keep), retention.batch_size
     )
     if deleted:
         log.info("retention_deleted", rows=deleted)
-    longest = max(
-        (q.limiter.policy.period_s for q in runtime.scheduler.queues.values()), default=86400.0
-    )
-    await repo.prune_sends(now - timedelta(seconds=max(longest, 86400.0)))
+    await repo.prune_sends(now - timedelta(seconds=longest))
     await check_deadlines(runtime)
 
 
@@ -421,7 +436,9 @@ async def check_deadlines(runtime: Runtime) -> None:
     now = time.time()
     at_risk: set[int] = set()
     newly: list[dict[str, object]] = []
-    for queue_id, pending, latest_deadline in await runtime.repo.pending_by_queue():
+    for n, (queue_id, pending, latest_deadline) in enumerate(await runtime.repo.pending_by_queue()):
+        if n % 100 == 99:
+            await asyncio.sleep(0)  # a schedule's estimate costs ~1 ms: let the loop breathe
         queue = runtime.scheduler.queues.get(queue_id)
         if queue is None:
             continue

@@ -65,6 +65,11 @@ class Hooks:
         """Rows of this queue are pending again and claimable from `at`."""
 
 
+def _first_deadline(batch: _Batch) -> float:
+    """The earliest deadline among a batch's rows."""
+    return min(r.deadline.timestamp() for r in batch.rows)
+
+
 def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
@@ -360,7 +365,9 @@ class PortalSender:
             self._settled(queue, n)
             if batch.rows:
                 again = at if n and room == 0 else queue.limiter.earliest(at)
-                skipped.append((again, batch))
+                # Never later than the first row's deadline: held rows (a policy that moved
+                # later, a queue held) are then expired, not kept claimed past it.
+                skipped.append((min(again, _first_deadline(batch)), batch))
         for due, batch in skipped:
             self._push(batch, due)
         return taken, expired

@@ -19,9 +19,14 @@ def _readable(column: str, *, nullable: bool = False) -> str:
 _CREATED = _readable("created_at") + " AS created_at"
 
 
+def _count(counter: str) -> str:
+    """A counter as read: within 0..1,000,000 whatever a row edited by hand holds."""
+    return f"LEAST(GREATEST({counter}, 0), 1000000)"
+
+
 def _next(counter: str, step: str = "1") -> str:
-    """A counter plus a step that cannot overflow integer (a row edited by hand)."""
-    return f"LEAST({counter}, 1000000) + {step}"
+    """A counter plus a step that cannot overflow integer."""
+    return f"{_count(counter)} + {step}"
 
 
 # A send recorded far ahead of the database's clock (a row edited by hand, a clock that
@@ -73,7 +78,8 @@ WITH req AS (
 UPDATE actions a SET state = 'claimed', claimed_at = now()
 FROM picked WHERE a.id = picked.id
 RETURNING a.id, a.callback_id, a.queue_id, a.portal_id, a.priority,
-          {_readable("a.deadline")} AS deadline, a.attempts, a.failures, a.split_group
+          {_readable("a.deadline")} AS deadline, {_count("a.attempts")} AS attempts,
+          {_count("a.failures")} AS failures, a.split_group
 """
 
 # When each queue's earliest held-back row becomes claimable (retry backoff), for queues
@@ -157,7 +163,8 @@ SELECT queue_id, LEAST(sent_at, {_SOON}) AS sent_at, count(*)::int AS n FROM act
 WHERE sent_at > $1 AND state IN ('done', 'failed')
 GROUP BY queue_id, sent_at
 UNION ALL
-SELECT queue_id, LEAST(sent_at, {_SOON}), n FROM queue_sends WHERE sent_at > $1
+SELECT queue_id, LEAST(sent_at, {_SOON}), LEAST(n, 1000000) FROM queue_sends
+WHERE sent_at > $1 AND n > 0
 """
 
 RECENT_SENDS_FOR = f"""
@@ -165,8 +172,8 @@ SELECT queue_id, LEAST(sent_at, {_SOON}) AS sent_at, count(*)::int AS n FROM act
 WHERE queue_id = ANY($2::bigint[]) AND sent_at > $1 AND state IN ('done', 'failed')
 GROUP BY queue_id, sent_at
 UNION ALL
-SELECT queue_id, LEAST(sent_at, {_SOON}), n FROM queue_sends
-WHERE queue_id = ANY($2::bigint[]) AND sent_at > $1
+SELECT queue_id, LEAST(sent_at, {_SOON}), LEAST(n, 1000000) FROM queue_sends
+WHERE queue_id = ANY($2::bigint[]) AND sent_at > $1 AND n > 0
 """
 
 EXPIRE_DUE = """
@@ -216,6 +223,12 @@ WHERE portal_id = $1
 # -- operations -----------------------------------------------------------------------------
 
 PING = "SELECT 1"
+
+# (a policy edited by hand may hold anything: only numbers count, at most 366 days)
+LONGEST_PERIOD = """
+SELECT max(LEAST((policy->>'period_s')::numeric, 31622400))::float8 AS longest FROM queues
+WHERE jsonb_typeof(policy->'period_s') = 'number'
+"""
 
 PENDING_BY_QUEUE = f"""
 SELECT queue_id, count(*)::int AS pending, {_readable("max(deadline)")} AS latest_deadline

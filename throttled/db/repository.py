@@ -396,6 +396,11 @@ class Repository:
         rows = await self._fetch(q.ALL_ACTION_CONFIGS)
         return {(r["portal_id"], r["action_id"]): r["policy"] for r in rows}
 
+    async def longest_period(self) -> float:
+        """The longest period among stored queue policies, seconds (0 if none)."""
+        rows = await self._fetch(q.LONGEST_PERIOD)
+        return float(rows[0]["longest"] or 0.0)
+
     async def pending_by_queue(self) -> list[tuple[int, int, datetime]]:
         """(queue_id, pending rows, latest deadline) for every queue with a backlog."""
         rows = await self._fetch(q.PENDING_BY_QUEUE)
