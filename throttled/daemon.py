@@ -419,8 +419,9 @@ async def maintain_once(runtime: Runtime, *, full: bool = True) -> None:
     now = datetime.now(UTC)
     # Sent rows are the rate log: none is deleted while a queue's window may still hold it,
     # whatever retention.done_days says (a restart would forget it, and burst).
-    tracked = (q.limiter.policy.period_s for q in runtime.scheduler.queues.values())
-    longest = max(await repo.longest_period(), *tracked, 86400.0)
+    queues = runtime.scheduler.queues.values()
+    tracked = max((q.limiter.policy.period_s for q in queues), default=0.0)  # (before an await)
+    longest = max(await repo.longest_period(), tracked, 86400.0)
     keep = max(timedelta(days=retention.done_days), timedelta(seconds=longest))
     deleted = await repo.delete_finished(
         now - keep, now - max(timedelta(days=retention.failed_days), keep), retention.batch_size

@@ -12,9 +12,10 @@ import itertools
 import math
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import structlog
 
@@ -29,6 +30,7 @@ from throttled.tokens import PortalNotConnected, Tokens
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
+_R = TypeVar("_R")
 
 
 @dataclass(eq=False, slots=True)
@@ -65,6 +67,23 @@ class Hooks:
         """Rows of this queue are pending again and claimable from `at`."""
 
 
+async def shielded(write: Coroutine[Any, Any, _R]) -> _R:
+    """Await a final database write that a cancellation must not cut short. If the caller
+    is cancelled (a shutdown past its deadline), the write goes on, and its outcome is still
+    collected, so a failure is logged by the write, never as 'exception never retrieved'."""
+    task = asyncio.ensure_future(write)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_collect)
+        raise
+
+
+def _collect(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _first_deadline(batch: _Batch) -> float:
     """The earliest deadline among a batch's rows."""
     return min(r.deadline.timestamp() for r in batch.rows)
@@ -99,7 +118,7 @@ class ResultWriter:
                 await _wait(self._wake, None, stop)
                 continue
             try:
-                await asyncio.shield(self.flush())
+                await shielded(self.flush())
             except DatabaseError:
                 await _wait(stop, 1.0)
             await _wait(stop, self._interval_s)
@@ -663,8 +682,8 @@ class Dispatcher:
                 await stop.wait()
             unsent = [r.id for s in self._senders.values() for r in s.drain_rows()]
             if unsent:
-                await asyncio.shield(self.repo.release(unsent))
-            await asyncio.shield(self.writer.flush())
+                await shielded(self.repo.release(unsent))
+            await shielded(self.writer.flush())
             log.info("senders_stopped", released=len(unsent))
 
     async def _expire_loop(self, stop: asyncio.Event) -> None:
@@ -672,5 +691,5 @@ class Dispatcher:
             await _wait(stop, 1.0)
             rows, self._expired = self._expired, []
             if rows:
-                await asyncio.shield(self.repo.mark_expired([r.id for r in rows]))
+                await shielded(self.repo.mark_expired([r.id for r in rows]))
                 metrics.EXPIRED.inc(len(rows))
