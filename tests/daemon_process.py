@@ -15,7 +15,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,6 +193,22 @@ class DaemonProcess:
                 if isinstance(doc, dict):
                     out.append(doc)
         return out
+
+
+@contextlib.asynccontextmanager
+async def started_daemon(
+    tmp_path: Path, *, db_url: str, api_base_url: str, **sections: dict[str, Any]
+) -> AsyncIterator[DaemonProcess]:
+    """A daemon child process on its own config, started, and killed on exit."""
+    config_path, public_url = write_config(
+        tmp_path / "throttled.toml", db_url=db_url, api_base_url=api_base_url, **sections
+    )
+    proc = DaemonProcess(config_path, public_url, tmp_path / "serve.log")
+    try:
+        await proc.start()
+        yield proc
+    finally:
+        await proc.kill()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,7 +19,7 @@ import pytest
 import structlog
 
 from tests.conftest import action_payload
-from tests.daemon_process import DaemonProcess, post_signed, write_config
+from tests.daemon_process import post_signed, started_daemon
 from throttled import logs
 from throttled.hubspot.fake import FakeHubSpot
 
@@ -158,15 +158,8 @@ def test_warnings_and_thread_exceptions_become_json_lines(json_logs):
 @pytest.fixture
 async def daemon(tmp_path: Path, db_url: str, fake_hubspot: FakeHubSpot) -> AsyncIterator[Any]:
     assert fake_hubspot.base_url is not None
-    config_path, public_url = write_config(
-        tmp_path / "throttled.toml", db_url=db_url, api_base_url=fake_hubspot.base_url
-    )
-    proc = DaemonProcess(config_path, public_url, tmp_path / "serve.log")
-    try:
-        await proc.start()
+    async with started_daemon(tmp_path, db_url=db_url, api_base_url=fake_hubspot.base_url) as proc:
         yield proc
-    finally:
-        await proc.kill()
 
 
 async def _send_raw(url: str, request: bytes) -> bytes:

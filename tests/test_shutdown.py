@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from tests.conftest import action_payload, wait_for
-from tests.daemon_process import DaemonProcess, write_config
+from tests.daemon_process import DaemonProcess, started_daemon
 from throttled.hubspot.fake import FakeHubSpot
 
 SHUTDOWN_TIMEOUT_S = 3.0
@@ -66,18 +66,13 @@ async def daemon(
     tmp_path: Path, db_url: str, fake_hubspot: FakeHubSpot
 ) -> AsyncIterator[DaemonProcess]:
     assert fake_hubspot.base_url is not None
-    config_path, public_url = write_config(
-        tmp_path / "throttled.toml",
+    async with started_daemon(
+        tmp_path,
         db_url=db_url,
         api_base_url=fake_hubspot.base_url,
         server={"shutdown_timeout_s": SHUTDOWN_TIMEOUT_S, "body_timeout_s": 60.0},
-    )
-    proc = DaemonProcess(config_path, public_url, tmp_path / "serve.log")
-    try:
-        await proc.start()
+    ) as proc:
         yield proc
-    finally:
-        await proc.kill()
 
 
 async def test_sigterm_with_a_half_sent_request_exits_within_the_shutdown_timeout(daemon):
