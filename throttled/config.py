@@ -227,13 +227,9 @@ def ranges() -> dict[str, Range]:
     }
 
 
-def brief(value: object, limit: int = 40) -> str:
-    """A value's repr for a message, cut short (a huge int has no repr past 4300 digits)."""
-    try:
-        text = repr(value)
-    except ValueError:
-        return "an integer too long to show"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def brief(value: object) -> str:
+    """A config value's repr for a message, cut short."""
+    return rates.brief(value, 40)
 
 
 # Environment variables of the original Throttle, then our own THROTTLED_SECTION_KEY form

@@ -128,10 +128,14 @@ def _utc_floor(epoch: float) -> datetime:
     return d - timedelta(microseconds=1) if d.timestamp() > epoch else d
 
 
-def _brief(value: Any) -> str:
-    """A value's repr for a message, at most 60 characters (it may come from anywhere)."""
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:50]}...({len(text)} chars)"
+def brief(value: object, limit: int = 60) -> str:
+    """A value's repr for a message, cut short: it may come from anywhere (a huge int has
+    no repr past 4,300 digits)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "an integer too long to show"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _format_clock(clock: time) -> str:
@@ -306,17 +310,17 @@ class RatePolicy:
         """Validate and normalise period_s to float."""
         limit = self.limit
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-            raise ValueError(f"limit must be an integer 1..{MAX_LIMIT}, got {_brief(limit)}")
+            raise ValueError(f"limit must be an integer 1..{MAX_LIMIT}, got {brief(limit)}")
         if isinstance(self.period_s, bool) or not isinstance(self.period_s, int | float):
-            raise ValueError(f"period_s must be a number, got {_brief(self.period_s)}")
+            raise ValueError(f"period_s must be a number, got {brief(self.period_s)}")
         period = float(self.period_s)
         if not MIN_PERIOD_S <= period <= MAX_PERIOD_S:  # (False for NaN too)
             raise ValueError(
-                f"period_s must be {MIN_PERIOD_S:g}..{MAX_PERIOD_S:g} seconds, got {_brief(period)}"
+                f"period_s must be {MIN_PERIOD_S:g}..{MAX_PERIOD_S:g} seconds, got {brief(period)}"
             )
         object.__setattr__(self, "period_s", period)
         if self.pacing not in _PACINGS:
-            raise ValueError(f"pacing must be 'window' or 'even', got {_brief(self.pacing)}")
+            raise ValueError(f"pacing must be 'window' or 'even', got {brief(self.pacing)}")
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe, stable representation (stored in a jsonb column)."""
@@ -340,7 +344,7 @@ class RatePolicy:
                 schedule=None if schedule is None else ReleaseSchedule.from_json(schedule),
             )
         except (KeyError, TypeError, AttributeError, OverflowError) as exc:
-            raise ValueError(f"malformed rate policy {_brief(d)}: {_brief(exc)}") from None
+            raise ValueError(f"malformed rate policy {brief(d)}: {brief(exc)}") from None
 
     def describe(self) -> str:
         """Human-readable summary, e.g. '10 per 1 second, window'."""
@@ -386,9 +390,9 @@ def parse_limit(value: Any) -> int:
     """A send limit: an integer 1..MAX_LIMIT (numeric strings accepted)."""
     number = _number(value)
     if number is None or number != int(number) or number < 1:
-        raise ValueError(f"{_brief(value)} is not a positive integer")
+        raise ValueError(f"{brief(value)} is not a positive integer")
     if number > MAX_LIMIT:
-        raise ValueError(f"{_brief(value)} exceeds {MAX_LIMIT}")
+        raise ValueError(f"{brief(value)} exceeds {MAX_LIMIT}")
     return int(number)
 
 
@@ -396,7 +400,7 @@ def parse_count(value: Any) -> float:
     """A period multiplier: a positive number."""
     number = _number(value)
     if number is None or number <= 0:
-        raise ValueError(f"{_brief(value)} is not a positive number")
+        raise ValueError(f"{brief(value)} is not a positive number")
     return number
 
 
@@ -404,7 +408,7 @@ def parse_unit(value: Any) -> float:
     """Seconds in a unit name (seconds, minutes, hours, days; singular too; any case)."""
     seconds = UNIT_SECONDS.get(value.strip().lower()) if isinstance(value, str) else None
     if seconds is None:
-        raise ValueError(f"{_brief(value)} is not a time unit (seconds, minutes, hours, days)")
+        raise ValueError(f"{brief(value)} is not a time unit (seconds, minutes, hours, days)")
     return seconds
 
 
@@ -412,7 +416,7 @@ def parse_pacing(value: Any) -> Pacing:
     """'window' or 'even' (any case)."""
     pacing = _PACINGS.get(value.strip().lower()) if isinstance(value, str) else None
     if pacing is None:
-        raise ValueError(f"{_brief(value)} is not a pacing (window, even)")
+        raise ValueError(f"{brief(value)} is not a pacing (window, even)")
     return pacing
 
 
@@ -440,16 +444,16 @@ def parse_days(value: Any) -> frozenset[int]:
     elif isinstance(value, str):
         text = value
     else:
-        raise ValueError(f"{_brief(value)} is not a list of days")
+        raise ValueError(f"{brief(value)} is not a list of days")
     tokens = re.split(r"[,;\s]+", re.sub(r"\s*[-–]\s*", "-", text.strip()))
     days: set[int] = set()
     for token in filter(None, tokens):
         try:
             days |= _day_token(token)
         except ValueError:
-            raise ValueError(f"{_brief(value)} has an unknown day {_brief(token)}") from None
+            raise ValueError(f"{brief(value)} has an unknown day {brief(token)}") from None
     if not days:
-        raise ValueError(f"{_brief(value)} names no days")
+        raise ValueError(f"{brief(value)} names no days")
     return frozenset(days)
 
 
@@ -470,13 +474,13 @@ def parse_hours(value: Any) -> tuple[time, time]:
         groups = match.groups()
         return _clock(*groups[:3], end=False), _clock(*groups[3:], end=True)
     except ValueError:
-        raise ValueError(f"{_brief(value)} is not HH:MM-HH:MM") from None
+        raise ValueError(f"{brief(value)} is not HH:MM-HH:MM") from None
 
 
 def parse_timezone(value: Any) -> str:
     """A valid IANA zone name."""
     if not isinstance(value, str):
-        raise ValueError(f"{_brief(value)} is not an IANA time zone")
+        raise ValueError(f"{brief(value)} is not an IANA time zone")
     name = value.strip()
     _zone(name)
     return name
@@ -491,7 +495,7 @@ def parse_start_at(value: Any, tz: str | None = None) -> datetime:
         moment = None
     if moment is None or not EPOCH <= moment <= HORIZON:
         raise ValueError(
-            f"{_brief(value)} is not a date-time between {EPOCH.date()} and {HORIZON.date()}"
+            f"{brief(value)} is not a date-time between {EPOCH.date()} and {HORIZON.date()}"
         ) from None
     return moment
 
@@ -506,9 +510,9 @@ def _start_instant(value: Any, tz: str | None) -> datetime:
         try:
             moment = datetime.fromisoformat(value.strip())
         except ValueError:
-            raise ValueError(f"{_brief(value)} is not an ISO-8601 date-time") from None
+            raise ValueError(f"{brief(value)} is not an ISO-8601 date-time") from None
     else:
-        raise ValueError(f"{_brief(value)} is not an ISO-8601 date-time")
+        raise ValueError(f"{brief(value)} is not an ISO-8601 date-time")
     if moment.tzinfo is None:
         return local_instant(moment.date(), moment.time(), _zone(tz or "UTC"))
     return moment.astimezone(UTC)
@@ -599,7 +603,7 @@ def _read_rate(r: _Reader) -> tuple[int | None, float | None]:
     period = (count or 1.0) * unit
     if not MIN_PERIOD_S <= period <= MAX_PERIOD_S:
         name, value = r.find("count") or r.find("unit") or ("", None)
-        r.report(name, f"{_brief(value)} gives {period:g} s; a period is 0.001 s to 366 days")
+        r.report(name, f"{brief(value)} gives {period:g} s; a period is 0.001 s to 366 days")
         return None, None
     return limit, period
 
