@@ -54,6 +54,10 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
@@ -63,12 +67,11 @@ def write_config(
     """Write a daemon config on a free port; return (path, public URL)."""
     port = free_port()
     public_url = f"http://127.0.0.1:{port}"
-    raw = config_mapping(
-        db_url,
-        api_base_url,
-        logging={"level": "info", "format": "json"},
+    sections = {
         **sections,
-    )
+        "logging": {"level": "info", "format": "json", **sections.get("logging", {})},
+    }
+    raw = config_mapping(db_url, api_base_url, **sections)
     raw["server"].update(port=port, public_url=public_url)
     lines: list[str] = []
     for section, values in raw.items():

@@ -224,13 +224,24 @@ async def test_full_buffer_is_429_with_retry_after(daemon_factory, db_url):
 
 
 async def test_stopping_daemon_answers_503_with_retry_after(daemon_factory, db_url):
+    # The configured Retry-After (not the default of 5), whether the request is refused on
+    # arrival or reaches intake just as it closes.
     async with daemon_factory(ingest={"retry_after_s": 9}) as daemon:
-        daemon.runtime.services.stopping = True
-        body = json.dumps(action_payload()).encode()
-        status, answer, headers = await _post_raw(daemon, body, _signed(daemon, body))
-        daemon.runtime.services.stopping = False
-        assert (status, answer["error"]) == (503, "stopping")
-        assert headers["Retry-After"] == "5"
+        answers = []
+        for where in ("services", "ingest"):
+            if where == "services":
+                daemon.runtime.services.stopping = True
+            else:
+                daemon.runtime.ingest._closed = True
+            try:
+                body = json.dumps(action_payload()).encode()
+                answers.append(await _post_raw(daemon, body, _signed(daemon, body)))
+            finally:
+                daemon.runtime.services.stopping = False
+                daemon.runtime.ingest._closed = False
+        for status, answer, headers in answers:
+            assert (status, answer["error"]) == (503, "stopping")
+            assert headers["Retry-After"] == "9"
         assert _count(db_url) == 0
 
 

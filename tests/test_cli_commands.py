@@ -225,7 +225,17 @@ def test_an_unexpected_error_in_json_mode_logs_the_traceback_as_one_json_line(tm
 
 @pytest.mark.parametrize(
     "command",
-    [["serve"], ["migrate"], ["migrate", "--status"], ["portals", "connect", "--portal-id", "7"]],
+    [
+        ["serve"],
+        ["migrate"],
+        ["migrate", "--status"],
+        ["portals", "connect", "--portal-id", "7"],
+        ["portals", "list"],
+        ["portals", "show", "7"],
+        ["portals", "test", "7"],
+        ["portals", "disconnect", "7"],
+        ["keys", "rotate"],
+    ],
 )
 def test_an_unreachable_database_is_one_line_without_the_password(tmp_path, command):
     config = _config_file(tmp_path, UNREACHABLE, logging='[logging]\nformat = "json"')
@@ -281,3 +291,28 @@ def test_migration_errors_never_show_the_password():
         migrate.status("nodriver://postgres:pw-s3cret-9@127.0.0.1/x")
     assert "pw-s3cret-9" not in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["portals"], "required: {list,show,test,disconnect,connect}"),
+        (["keys"], "required: {generate,rotate}"),
+        (["portals", "show"], "required: ID"),
+        (["portals", "test", "x"], "argument ID: must be an integer 1..9223372036854775807"),
+        (["portals", "disconnect", "0"], "argument ID: must be an integer"),
+        (["keys", "rotate", "--batch-size", "0"], "--batch-size: must be an integer 1..10000"),
+        (["keys", "generate", "--config", "x"], "unrecognized arguments: --config x"),
+    ],
+)
+def test_portals_and_keys_usage_errors_are_one_line(in_process, capsys, argv, expected):
+    assert expected in _one_line(capsys, argv)
+
+
+def test_keys_generate_needs_no_config(in_process, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["keys", "generate"]) == 0
+    out, err = capsys.readouterr()
+    assert len(base64.b64decode(out.strip(), validate=True)) == 32
+    assert out.count("\n") == 1
+    assert "throttled keys rotate" in err

@@ -34,8 +34,6 @@ async def test_on_written_runs_once_the_request_is_in_the_peers_socket():
             client = HubSpotClient(
                 session,
                 api_base_url=f"http://127.0.0.1:{port}",
-                client_id="client",
-                client_secret="not-a-secret",
                 timeout_s=5.0,
             )
             body = client.completion_body(["cb-1"])

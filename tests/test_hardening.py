@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import action_payload, make_config, running, wait_for
 from throttled import metrics, rates
 from throttled.daemon import StartupError, maintain_once
-from throttled.hubspot import client
+from throttled.hubspot import client, oauth
 from throttled.hubspot.action import PayloadError, parse
 from throttled.intake import Intake
 from throttled.queues import QueueLimiter
@@ -338,20 +338,45 @@ def test_rate_limit_headers_and_bodies_that_are_not_numbers_are_ignored() -> Non
         '{"access_token": "a", "expires_in": Infinity}',
         '{"access_token": "a", "expires_in": 1e400}',
         '{"access_token": "a", "expires_in": NaN}',
-        '{"access_token": "a", "expires_in": 1800, "hub_id": Infinity}',
-        '{"access_token": "a", "expires_in": 1800, "hub_id": "²"}',
+        '{"access_token": "a", "expires_in": "1800"}',
+        '{"access_token": "a b", "expires_in": 1800}',
+        '{"access_token": "a\\r\\nX-Injected: 1", "expires_in": 1800}',
+        '{"access_token": "' + "a" * 5000 + '", "expires_in": 1800}',
+        '{"access_token": 7, "expires_in": 1800}',
+        '{"expires_in": 1800}',
         "[" * 100_000,
+        "",
     ],
 )
 def test_a_token_answer_out_of_bounds_is_a_token_error(body: str) -> None:
     with pytest.raises(client.TokenError):
-        client._token_response(body, "old")
+        oauth._grant(200, oauth._json(body.encode()), "refresh", old_refresh="old")
+
+
+@pytest.mark.parametrize(
+    ("hub_id", "expected"),
+    [
+        (62515, 62515),
+        ("62515", 62515),
+        (float("inf"), None),
+        ("²", None),
+        (True, None),
+        (0, None),
+        (2**63, None),
+        (-5, None),
+        (None, None),
+    ],
+)
+def test_a_hub_id_out_of_bounds_is_ignored(hub_id: object, expected: int | None) -> None:
+    doc = {"access_token": "a", "refresh_token": "r", "expires_in": 1800, "hub_id": hub_id}
+    assert oauth._grant(200, doc, "refresh", old_refresh=None).hub_id == expected
 
 
 def test_token_lifetimes_are_bounded() -> None:
-    long = client._token_response('{"access_token": "a", "expires_in": 1e300}', "old")
+    long = oauth._grant(200, {"access_token": "a", "expires_in": 1e300}, "r", old_refresh="o")
     assert long.expires_in == client.MAX_TOKEN_LIFETIME_S
-    assert client._token_response('{"access_token": "a", "expires_in": -9}', "o").expires_in == 0
+    short = oauth._grant(200, {"access_token": "a", "expires_in": -9}, "r", old_refresh="o")
+    assert short.expires_in == 0
 
 
 async def test_a_429_with_an_infinite_retry_after_does_not_stop_the_sender(

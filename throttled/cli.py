@@ -1,4 +1,4 @@
-"""The `throttled` command: serve, migrate, check-config, sign, demo, portals connect."""
+"""The `throttled` command: serve, migrate, check-config, sign, demo, portals, keys."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from throttled.config import Config, ConfigError, brief
 
 MAX_PORTAL_ID = 2**63 - 1
 MAX_BODY_BYTES = 16 << 20
-MAX_TOKEN_CHARS = 4096
 
 log = structlog.get_logger(__name__)
 
@@ -135,15 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--per-queue", type=_int_in(1, 10_000), default=30, help="actions per queue (1..10000)"
     )
-    portals = sub.add_parser("portals", help="manage connected HubSpot portals")
-    portals_sub = portals.add_subparsers(dest="portals_command", required=True)
-    connect = portals_sub.add_parser(
-        "connect", help="store a portal's OAuth refresh token (encrypted)"
-    )
-    connect.add_argument("--config")
-    connect.add_argument("--portal-id", type=_int_in(1, MAX_PORTAL_ID), required=True)
-    connect.add_argument("--refresh-token", help="the refresh token (default: read from stdin)")
-    connect.set_defaults(func=_portals_connect)
+    from throttled import cli_portals  # (it imports this module's helpers)
+
+    cli_portals.add_commands(sub)
     return parser
 
 
@@ -264,43 +257,6 @@ def _demo(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     return int(asyncio.run(run_demo(cfg, per_queue=args.per_queue)))
-
-
-def _refresh_token(args: argparse.Namespace) -> str:
-    """--refresh-token, or the first line of stdin; printable text of bounded length."""
-    try:
-        given = args.refresh_token if args.refresh_token is not None else sys.stdin.readline()
-    except UnicodeDecodeError:
-        raise _Fatal("the refresh token on stdin is not UTF-8 text") from None
-    token = given.strip()
-    if not token:
-        raise _Fatal("no refresh token given (--refresh-token or stdin)")
-    if len(token) > MAX_TOKEN_CHARS or not token.isprintable():
-        raise _Fatal(f"the refresh token must be printable text of at most {MAX_TOKEN_CHARS} chars")
-    return token
-
-
-def _portals_connect(args: argparse.Namespace) -> int:
-    from throttled.daemon import database_url, keyring_for
-    from throttled.db.repository import Repository
-    from throttled.tokens import _aad
-
-    cfg = _load(args)
-    token = _refresh_token(args)
-    keyring = keyring_for(cfg)
-
-    async def run() -> None:
-        timeout = cfg.database.connect_timeout_s
-        async with (
-            database_url(cfg) as url,
-            Repository.open(url, min_size=1, max_size=1, timeout=timeout) as repo,
-        ):
-            encrypted = keyring.encrypt(token, aad=_aad(args.portal_id, "refresh"))
-            await repo.set_refresh_token(args.portal_id, encrypted)
-
-    asyncio.run(run())
-    print(f"portal {args.portal_id} connected (refresh token stored encrypted)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -110,18 +110,47 @@ class HubSpotConfig:
     client_id: str = ""
     client_secret: Secret = field(default_factory=lambda: Secret(""))
     previous_client_secrets: tuple[Secret, ...] = ()
-    redirect_uri: str = ""
-    scopes: str = "automation"
+    redirect_uri: str = ""  # empty: {server.public_url}/api/oauth/callback
+    scopes: str = "automation oauth"
+    optional_scopes: str = ""
     api_base_url: str = "https://api.hubapi.com"
     auth_base_url: str = "https://app.hubspot.com"
+    oauth_version: str = "v3"
+    authorize_path: str = "/oauth/authorize"
+    token_path: str = ""  # empty: the oauth_version's path (see OAUTH_PATHS)
+    token_info_path: str = ""
+    revoke_path: str = ""
     mock: bool = False
     block_expiration: str = "P7D"
     request_timeout_s: float = _num(10.0, 0.1, 300)
     batch_complete_path: str = "/automation/v4/actions/callbacks/complete"
-    token_path: str = "/oauth/v1/token"
     send_typed_outputs: bool = False
     accept_v1_signatures: bool = False
     token_refresh_margin_s: float = _num(300.0, 0, 900)  # (HubSpot tokens last 1,800 s)
+
+    def oauth_path(self, name: str) -> str:
+        """An OAuth endpoint's path: the configured one, else the version's default."""
+        configured: str = getattr(self, f"{name}_path")
+        return configured or OAUTH_PATHS[self.oauth_version][name]
+
+    def callback_url(self, public_url: str) -> str:
+        """The redirect URI sent to HubSpot (the same at authorize and at code exchange)."""
+        return self.redirect_uri or public_url.rstrip("/") + "/api/oauth/callback"
+
+
+# Each OAuth version's endpoint paths; `{token}` is replaced (URL-quoted) by the token.
+OAUTH_PATHS = {
+    "v1": {
+        "token": "/oauth/v1/token",
+        "token_info": "/oauth/v1/access-tokens/{token}",
+        "revoke": "/oauth/v1/refresh-tokens/{token}",
+    },
+    "v3": {
+        "token": "/oauth/v3/token",
+        "token_info": "/oauth/v3/token/introspect",
+        "revoke": "/oauth/v3/token/revoke",
+    },
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,6 +179,7 @@ class SenderConfig:
     claim_ahead_s: float = _num(2.0, 0, 600)
     send_margin_ms: float = _num(2.0, 0, 1000)
     max_in_flight: int = _num(8, 1, 256)
+    disconnected_retry_s: float = _num(60.0, 0.05, 3600)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,8 +200,24 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class AdminConfig:
+class AdminToken:
+    """One admin API token: the token itself, or its SHA-256 (hex) so the file need not hold it."""
+
+    id: str = ""
     token: Secret = field(default_factory=lambda: Secret(""))
+    token_sha256: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdminConfig:
+    tokens: tuple[AdminToken, ...] = ()
+
+
+ADMIN_ENV = "THROTTLED_ADMIN_TOKEN"  # adds one admin token, id "env"
+MIN_ADMIN_TOKEN_CHARS = 16
+MAX_ADMIN_TOKEN_CHARS = 512
+_ADMIN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,10 +326,24 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
     """Read, validate and return the effective configuration."""
     found = find_config_path(path)
     raw = _read_toml(found) if found is not None else {}
-    merged = _apply_env(raw, os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    merged = _apply_env(raw, environ)
     config = from_mapping(merged, source=str(found) if found else "(defaults)")
+    config = _with_env_admin_token(config, environ.get(ADMIN_ENV))
     validate(config)
     return config
+
+
+def _with_env_admin_token(config: Config, value: str | None) -> Config:
+    """THROTTLED_ADMIN_TOKEN adds one admin token, with id `env`."""
+    if value is None:
+        return config
+    token = _to_secret(value.strip(), ADMIN_ENV)
+    if not token:
+        raise ConfigError(f"{ADMIN_ENV}: must not be empty (unset it for no token)")
+    extra = AdminToken(id="env", token=token)
+    admin = dataclasses.replace(config.admin, tokens=(*config.admin.tokens, extra))
+    return dataclasses.replace(config, admin=admin)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -325,6 +385,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, str], tuple[st
     ours: dict[tuple[str, str], tuple[str, str]] = {}
     for name, value in environ.items():
         if not name.startswith("THROTTLED_") or name.startswith("THROTTLED_TEST_"):
+            continue
+        if name == ADMIN_ENV:  # (added to admin.tokens by load())
             continue
         target = _env_target(name)
         if target in ours:
@@ -389,6 +451,12 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(kind)
     if origin is tuple:
         return _coerce_list(typing.get_args(kind)[0], value, where)
+    if isinstance(kind, type) and dataclasses.is_dataclass(
+        kind
+    ):  # an array of tables, e.g. [[admin.tokens]]
+        if not isinstance(value, Mapping) or isinstance(value, _EnvText):
+            raise ConfigError(f'{where}: expected a table, e.g. {{ id = "a", token = "..." }}')
+        return _build_section(kind, value, where)
     if origin is types.UnionType:
         raise ConfigError(f"{where}: unsupported type")
     convert = _SCALARS.get(kind)
@@ -502,6 +570,7 @@ def validate(config: Config) -> None:
     _check_urls(config)
     _check_block_expiration(config.hubspot.block_expiration)
     _check_keys(config.security)
+    _check_admin_tokens(config.admin)
     _check_rates(config)
 
 
@@ -531,6 +600,18 @@ def _check_rules(config: Config) -> None:
             config.logging.format in ("auto", "json", "console"),
             "logging.format: must be auto, json or console",
         ),
+        (
+            config.hubspot.oauth_version in OAUTH_PATHS,
+            "hubspot.oauth_version: must be v1 or v3",
+        ),
+        (
+            all(_SCOPE.fullmatch(w) for w in _scope_words(config.hubspot)),
+            "hubspot.scopes, hubspot.optional_scopes: scope names separated by spaces",
+        ),
+        (
+            "automation" in config.hubspot.scopes.split(),
+            "hubspot.scopes: must include automation (completing callbacks needs it)",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -548,10 +629,24 @@ def _check_urls(config: Config) -> None:
     ):
         if value:
             _check_http_url(value, where)
-    for key in ("batch_complete_path", "token_path"):
-        if not getattr(hs, key).startswith("/") or " " in getattr(hs, key):
-            raise ConfigError(f"hubspot.{key}: must be a URL path starting with /")
+    for key in ("batch_complete_path", "authorize_path"):
+        _check_path(getattr(hs, key), f"hubspot.{key}")
+    for key in ("token", "token_info", "revoke"):
+        if getattr(hs, f"{key}_path"):
+            _check_path(getattr(hs, f"{key}_path"), f"hubspot.{key}_path")
     _check_database_url(config.database.url.reveal())
+
+
+def _check_path(value: str, where: str) -> None:
+    if not value.startswith("/") or " " in value or "?" in value or "#" in value:
+        raise ConfigError(f"{where}: must be a URL path starting with /, got {brief(value)}")
+
+
+_SCOPE = re.compile(r"[A-Za-z0-9._:-]{1,100}")
+
+
+def _scope_words(hs: HubSpotConfig) -> list[str]:
+    return [*hs.scopes.split(), *hs.optional_scopes.split()]
 
 
 def _check_http_url(value: str, where: str) -> None:
@@ -619,11 +714,35 @@ def _check_keys(security: SecurityConfig) -> None:
             raise ConfigError(f"security.previous_encryption_keys: {exc}") from None
 
 
+def _check_admin_tokens(admin: AdminConfig) -> None:
+    """Each admin token has a unique id and exactly one of token / token_sha256."""
+    seen: set[str] = set()
+    for i, entry in enumerate(admin.tokens):
+        where = "THROTTLED_ADMIN_TOKEN" if entry.id == "env" else f"admin.tokens[{i}]"
+        if not _ADMIN_ID.fullmatch(entry.id):
+            raise ConfigError(f"{where}.id: 1..64 letters, digits, '.', '_' or '-'")
+        if entry.id in seen:
+            raise ConfigError(f"{where}.id: {entry.id!r} is used twice")
+        seen.add(entry.id)
+        if bool(entry.token) == bool(entry.token_sha256):
+            raise ConfigError(f"{where}: give exactly one of token or token_sha256")
+        size = len(entry.token.reveal())
+        if entry.token and not MIN_ADMIN_TOKEN_CHARS <= size <= MAX_ADMIN_TOKEN_CHARS:
+            raise ConfigError(
+                f"{where}.token: must be {MIN_ADMIN_TOKEN_CHARS}..{MAX_ADMIN_TOKEN_CHARS} "
+                "characters (generate one: throttled keys generate)"
+            )
+        if entry.token and not entry.token.reveal().isascii():
+            raise ConfigError(f"{where}.token: must be ASCII text")
+        if entry.token_sha256 and not _SHA256_HEX.fullmatch(entry.token_sha256.lower()):
+            raise ConfigError(f"{where}.token_sha256: must be 64 hex characters (sha256sum)")
+
+
 def _parse_key(secret: Secret, where: str) -> bytes:
     try:
         return crypto.parse_key(secret.reveal())
     except crypto.CryptoError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}; make one with: throttled keys generate") from None
 
 
 def _check_rates(config: Config) -> None:
@@ -676,6 +795,10 @@ def _shown(value: Any, *, url: bool) -> Any:
         return "***" if value else ""
     if isinstance(value, tuple):
         return [_shown(v, url=url) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _shown(getattr(value, f.name), url=False) for f in dataclasses.fields(value)
+        }
     return value
 
 

@@ -19,20 +19,24 @@ import structlog
 from aiohttp import web
 
 from throttled import crypto, metrics, rates
+from throttled.aio import Outage, wait_event
 from throttled.config import Config
 from throttled.db import migrate
 from throttled.db.embedded import embedded_database
 from throttled.db.repository import DatabaseError, Repository
 from throttled.hubspot.client import HubSpotClient, trace_config
 from throttled.hubspot.fake import FakeHubSpot
+from throttled.hubspot.oauth import OAuth
 from throttled.ingest import Ingest
 from throttled.intake import Intake
 from throttled.metrics import INGEST_PENDING, SENDER_HELD
 from throttled.scheduler import Scheduler
-from throttled.sender import Dispatcher, _wait
-from throttled.tokens import Tokens
-from throttled.web.app import Services, make_app
+from throttled.sender import Dispatcher
+from throttled.tokens import WAITING_FOR_CONNECTION, Tokens
+from throttled.web.admin import AdminAuth
+from throttled.web.app import make_app
 from throttled.web.server import Runner
+from throttled.web.services import Services
 
 log = structlog.get_logger(__name__)
 
@@ -83,14 +87,15 @@ def keyring_for(config: Config) -> crypto.KeyRing:
         primary = _dev_key(Path(config.database.data_dir))
     if not primary:
         raise StartupError(
-            "security.encryption_key (or ENCRYPTION_KEY) is required; "
-            "generate one with: python -c 'import secrets,base64;"
-            "print(base64.b64encode(secrets.token_bytes(32)).decode())'"
+            "security.encryption_key (or ENCRYPTION_KEY) is required: 32 random bytes as "
+            "base64; make one with: throttled keys generate"
         )
     try:
         return crypto.KeyRing.from_texts(primary, previous)
     except crypto.CryptoError as exc:
-        raise StartupError(f"security.encryption_key: {exc}") from None
+        raise StartupError(
+            f"security.encryption_key: {exc}; make one with: throttled keys generate"
+        ) from None
 
 
 def _dev_key(data_dir: Path) -> str:
@@ -210,21 +215,11 @@ async def _assemble(
     client = HubSpotClient(
         session,
         api_base_url=api_base,
-        client_id=hs.client_id or ("mock-client-id" if fake else ""),
-        client_secret=hs.client_secret.reveal() or ("mock-client-secret" if fake else ""),
         timeout_s=hs.request_timeout_s,
         batch_complete_path=hs.batch_complete_path,
-        token_path=hs.token_path,
         send_typed_outputs=hs.send_typed_outputs,
     )
-    tokens = Tokens(
-        repo,
-        client,
-        keyring,
-        margin_s=hs.token_refresh_margin_s,
-        clock=clock,
-        mock_refresh_token=(lambda p: f"mock-refresh-{p}") if fake else None,
-    )
+    tokens = make_tokens(config, repo, session, keyring, api_base, clock, mock=fake is not None)
     dispatcher = Dispatcher(
         repo=repo,
         client=client,
@@ -259,6 +254,13 @@ async def _assemble(
         on_stored=scheduler.notify,
     )
     secrets = signing_secrets(config)
+
+    async def wake(portal_id: int) -> None:  # a portal was connected: its rows go now
+        queue_ids = await repo.wake_portal(portal_id, WAITING_FOR_CONNECTION)
+        if queue_ids:
+            scheduler.notify(queue_ids)
+
+    tokens.on_connected = wake
     services = Services(
         config=config,
         repo=repo,
@@ -266,6 +268,10 @@ async def _assemble(
         intake=intake,
         secrets=secrets,
         expiration=hs.block_expiration.strip().upper(),  # (as HubSpot documents it: P7D)
+        tokens=tokens,
+        admin=AdminAuth.from_config(config.admin),
+        auth_base_url=api_base if fake else hs.auth_base_url,  # (the fake serves both)
+        clock=clock,
     )
     INGEST_PENDING.read = lambda: float(ingest.pending)
     SENDER_HELD.read = lambda: float(dispatcher.held)
@@ -301,6 +307,47 @@ def _readable_configs(
                 error=str(exc)[:300],
             )
     return specs
+
+
+def oauth_client(
+    config: Config, session: aiohttp.ClientSession, api_base: str, *, mock: bool = False
+) -> OAuth:
+    """The app's OAuth endpoints, in the configured version's dialect."""
+    hs = config.hubspot
+    return OAuth(
+        session,
+        api_base_url=api_base,
+        client_id=hs.client_id or ("mock-client-id" if mock else ""),
+        client_secret=hs.client_secret.reveal() or ("mock-client-secret" if mock else ""),
+        timeout_s=hs.request_timeout_s,
+        version=hs.oauth_version,
+        paths={name: hs.oauth_path(name) for name in ("token", "token_info", "revoke")},
+    )
+
+
+def make_tokens(
+    config: Config,
+    repo: Repository,
+    session: aiohttp.ClientSession,
+    keyring: crypto.KeyRing,
+    api_base: str,
+    clock: Callable[[], float] = time.time,
+    *,
+    mock: bool = False,
+) -> Tokens:
+    """The token store the daemon and the CLI use."""
+    hs = config.hubspot
+    return Tokens(
+        repo,
+        oauth_client(config, session, api_base, mock=mock),
+        keyring,
+        margin_s=hs.token_refresh_margin_s,
+        clock=clock,
+        lock_timeout_s=hs.request_timeout_s + 5.0,
+        recheck_s=config.sender.disconnected_retry_s,
+        max_refreshing=max(1, config.database.pool_max // 4),
+        mock_refresh_token=(lambda p: f"mock-refresh-{p}") if mock else None,
+    )
 
 
 def signing_secrets(config: Config) -> tuple[str, ...]:
@@ -390,19 +437,25 @@ def _try_it(runtime: Runtime) -> str:
 
 
 async def maintenance(runtime: Runtime, stop: asyncio.Event) -> None:
-    """Expire overdue rows often; retention, rate-log pruning and deadline checks less often."""
+    """Expire overdue rows often; retention, rate-log pruning and deadline checks less often.
+    Through a database outage it waits longer and longer (up to 30 s) between tries."""
     interval = runtime.config.retention.interval_s
+    tick = min(5.0, interval)
+    outage = Outage("maintenance", "maintenance_failed")
     last_full = 0.0
+    delay = tick
     while not stop.is_set():
-        await _wait(stop, min(5.0, interval))
+        await wait_event(stop, delay)
         if stop.is_set():
             return
         full = time.monotonic() - last_full >= interval
         try:
             await maintain_once(runtime, full=full)
         except DatabaseError as exc:
-            log.warning("maintenance_failed", error=str(exc))
+            delay = max(tick, outage.failed(exc))
             continue
+        outage.over()
+        delay = tick
         if full:
             last_full = time.monotonic()
 

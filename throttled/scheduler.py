@@ -18,9 +18,10 @@ from datetime import UTC, datetime
 import structlog
 
 from throttled import metrics, rates
+from throttled.aio import Outage, wait_event
 from throttled.db.repository import ClaimedAction, DatabaseError, QueueRow, Repository
 from throttled.queues import QueueLimiter, QueueState, effective_policy
-from throttled.sender import Dispatcher, Hooks, _wait
+from throttled.sender import Dispatcher, Hooks
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +55,7 @@ class Scheduler(Hooks):
         self._fresh: dict[int, QueueState] = {}  # queues that just went from idle to active
         self._claim_tasks: set[asyncio.Task[None]] = set()
         self._claim_error: Exception | None = None  # re-raised by the loop
+        self._outage = Outage("scheduler", "scheduler_db_error")
         self.queues: dict[int, QueueState] = {}
         self._heap: list[tuple[float, int, int]] = []
         self._seq = itertools.count()
@@ -178,15 +180,14 @@ class Scheduler(Hooks):
                 await self._load_new()
                 if self._start_due(self._clock()):
                     continue
-            except DatabaseError as exc:
-                log.warning("scheduler_db_error", error=str(exc))
-                await _wait(stop, 1.0)
+            except DatabaseError as exc:  # the queues it concerned are tried again after
+                await wait_event(stop, self._outage.failed(exc))
                 continue
             timeout = self._heap[0][0] - self._clock() if self._heap else None
             if self._busy["bulk"]:
                 timeout = None  # a new action (notify) or a finishing claim sets the wake event
             if timeout is None or timeout > 0:
-                await _wait(self._wake, timeout, stop)
+                await wait_event(self._wake, timeout, stop)
             if not stop.is_set():
                 await asyncio.sleep(GATHER_S)
 
@@ -196,18 +197,29 @@ class Scheduler(Hooks):
             return
         self._unknown = set()
         now = self._clock()
-        rows = await self._repo.get_queues(list(ids))
-        fresh = [row for row in rows if row.id not in self.queues]
-        for row in rows:
-            queue = self._track(row)
-            queue.generation += 1
-            if not queue.active and not queue.in_sender and not queue.claiming:
-                self._fresh[queue.id] = queue
-            queue.active = True
-            if not queue.in_sender:
-                self._schedule(queue, self._claim_time(queue, now))
-        if fresh:
-            await self._replay_sends([self.queues[row.id] for row in fresh], now)
+        fresh: list[QueueRow] = []
+        try:
+            rows = await self._repo.get_queues(list(ids))
+            fresh = [row for row in rows if row.id not in self.queues]
+            for row in rows:
+                queue = self._track(row)
+                queue.generation += 1
+                if not queue.active and not queue.in_sender and not queue.claiming:
+                    self._fresh[queue.id] = queue
+                queue.active = True
+                if not queue.in_sender:
+                    self._schedule(queue, self._claim_time(queue, now))
+            if fresh:
+                await self._replay_sends([self.queues[row.id] for row in fresh], now)
+        except DatabaseError:
+            # Asked again once the database answers, or their rows would wait for the next
+            # action. A new queue whose rate log is not replayed yet must not claim: untracked.
+            for row in fresh:
+                self.queues.pop(row.id, None)
+                self._fresh.pop(row.id, None)
+            self._unknown |= ids
+            raise
+        self._outage.over()
 
     async def _replay_sends(self, queues: list[QueueState], now: float) -> None:
         """A queue first seen now may have sent recently (before a restart): replay its log."""
@@ -294,6 +306,7 @@ class Scheduler(Hooks):
     async def _claim_task(self, due: list[tuple[QueueState, float, int]], lane: str) -> None:
         try:
             await self._claim(due, urgent=lane == "urgent")
+            self._outage.over()
         except DatabaseError as exc:
             self._claim_error = exc
             for queue, _, _ in due:  # try these again once the database answers

@@ -11,6 +11,7 @@ import heapq
 import itertools
 import math
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -20,12 +21,13 @@ from typing import Any, TypeVar
 import structlog
 
 from throttled import metrics
+from throttled.aio import Outage, wait_event
 from throttled.config import SenderConfig
 from throttled.crypto import CryptoError
 from throttled.db.repository import ClaimedAction, DatabaseError, Repository, Retry
 from throttled.hubspot.client import CompletionResult, HubSpotClient, TokenError
 from throttled.queues import QueueState
-from throttled.tokens import PortalNotConnected, Tokens
+from throttled.tokens import WAITING_FOR_CONNECTION, PortalNotConnected, Tokens
 
 log = structlog.get_logger(__name__)
 
@@ -111,17 +113,21 @@ class ResultWriter:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Write outcomes until stopped, then write the rest (shielded)."""
+        """Write outcomes until stopped (the dispatcher writes the rest). Through a database
+        outage the outcomes are kept, and written once it answers again."""
+        outage = Outage("result-writer", "result_write_failed")
         while not stop.is_set():
             self._wake.clear()
             if not self._pending:
-                await _wait(self._wake, None, stop)
+                await wait_event(self._wake, None, stop)
                 continue
             try:
                 await shielded(self.flush())
-            except DatabaseError:
-                await _wait(stop, 1.0)
-            await _wait(stop, self._interval_s)
+            except DatabaseError as exc:
+                await wait_event(stop, outage.failed(exc, outcomes=len(self._pending)))
+                continue
+            outage.over()
+            await wait_event(stop, self._interval_s)
 
     async def flush(self) -> None:
         """Write everything gathered so far; keep it for the next try if the database fails."""
@@ -130,8 +136,7 @@ class ResultWriter:
             return
         try:
             await self._write(outcomes)
-        except DatabaseError as exc:
-            log.warning("result_write_failed", error=str(exc), outcomes=len(outcomes))
+        except DatabaseError:
             self._pending[:0] = outcomes
             raise
         for outcome in outcomes:
@@ -154,18 +159,6 @@ class ResultWriter:
             await self._repo.mark_failed(
                 [f[0] for f in failed], [f[1] for f in failed], [f[2] for f in failed]
             )
-
-
-async def _wait(event: asyncio.Event, timeout: float | None, *others: asyncio.Event) -> None:
-    """Sleep until `event` (or any of `others`) is set, or the timeout passes."""
-    if event.is_set() or any(e.is_set() for e in others):
-        return
-    waiters = [asyncio.ensure_future(e.wait()) for e in (event, *others)]
-    try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
 
 
 class Budget:
@@ -258,7 +251,7 @@ class PortalSender:
                 if start is None or start > self._d.clock():
                     self._wake.clear()
                     timeout = None if start is None else start - self._d.clock()
-                    await _wait(self._wake, timeout, stop)
+                    await wait_event(self._wake, timeout, stop)
                     continue
                 await self._in_flight.acquire()
                 # The token first: the send instant is charged only once nothing can delay it.
@@ -320,11 +313,14 @@ class PortalSender:
     async def _token(self) -> str | _NoToken:
         try:
             return await self._d.tokens.access_token(self.portal_id)
-        except PortalNotConnected:
-            log.warning("portal_not_connected", portal_id=self.portal_id)
-            return _NoToken(60.0, "portal not connected")
-        except (TokenError, DatabaseError) as exc:
-            return _NoToken(self._d.backoff(1), f"token: {exc}")
+        except PortalNotConnected as exc:  # its rows wait, uncounted, until it is connected
+            log.debug("portal_not_connected", portal_id=self.portal_id, reason=exc.reason)
+            return _NoToken(
+                self._d.config.disconnected_retry_s, f"{WAITING_FOR_CONNECTION}: {exc.reason}"
+            )
+        except (TokenError, DatabaseError) as exc:  # backoff grows with the failed refreshes
+            failures = self._d.tokens.health.portal(self.portal_id).refresh_failures
+            return _NoToken(self._d.backoff(max(failures, 1)), f"token: {exc}")
         except CryptoError as exc:  # a stored token the key ring cannot open (rotated away?)
             log.error("portal_token_unreadable", portal_id=self.portal_id, error=str(exc))
             return _NoToken(60.0, "stored token cannot be decrypted")
@@ -427,7 +423,17 @@ class PortalSender:
             # the first instant and the write) the charge moves to an instant past the write.
             sent[0] = self._redate(rows, sent[0] - d.margin_s, margin=0.0)
 
+        started = time.monotonic()
         result = await d.client.complete_batch(token, body, on_sent, on_written)
+        d.tokens.health.result(
+            self.portal_id,
+            result.status,
+            time.monotonic() - started,
+            max=result.rate_max,
+            remaining=result.rate_remaining,
+            daily=result.daily_max,
+            daily_remaining=result.daily_remaining,
+        )
         metrics.REQUESTS.inc(status=str(result.status))
         return self._judge(rows, sent[0], result)
 
@@ -687,9 +693,21 @@ class Dispatcher:
             log.info("senders_stopped", released=len(unsent))
 
     async def _expire_loop(self, stop: asyncio.Event) -> None:
+        """Mark expired the rows the senders found past their deadline, about once a second.
+        Through a database outage they are kept, and written once it answers again."""
+        outage = Outage("claimed-expiry", "claimed_expiry_failed")
+        delay = 1.0
         while not stop.is_set():
-            await _wait(stop, 1.0)
+            await wait_event(stop, delay)
+            delay = 1.0
             rows, self._expired = self._expired, []
-            if rows:
+            if not rows:
+                continue
+            try:
                 await shielded(self.repo.mark_expired([r.id for r in rows]))
-                metrics.EXPIRED.inc(len(rows))
+            except DatabaseError as exc:
+                self._expired[:0] = rows
+                delay = outage.failed(exc, rows=len(rows))
+                continue
+            outage.over()
+            metrics.EXPIRED.inc(len(rows))

@@ -201,24 +201,129 @@ DELETE FROM actions WHERE id IN (
 
 # -- portals and tokens ---------------------------------------------------------------------
 
-GET_PORTAL = f"""
-SELECT portal_id, refresh_token, access_token,
-       {_readable("access_expires_at", nullable=True)} AS access_expires_at
-FROM portals WHERE portal_id = $1
+_PORTAL_COLUMNS = f"""
+portal_id, refresh_token, access_token,
+{_readable("access_expires_at", nullable=True)} AS access_expires_at,
+status, disconnected_reason, {_readable("disconnected_at", nullable=True)} AS disconnected_at,
+scopes, hub_domain, {_readable("last_refresh_at", nullable=True)} AS last_refresh_at,
+last_refresh_error, {_readable("connected_at")} AS connected_at,
+{_readable("updated_at")} AS updated_at
 """
 
+GET_PORTAL = f"SELECT {_PORTAL_COLUMNS} FROM portals WHERE portal_id = $1"
+
+# Held across the refresh request: one refresh per portal, whichever instance asks.
+LOCK_PORTAL = GET_PORTAL + " FOR UPDATE"
+
+LIST_PORTALS = f"SELECT {_PORTAL_COLUMNS} FROM portals ORDER BY portal_id"
+
+# Portals that have actions but no portals row (never connected).
+UNCONNECTED_PORTALS = """
+SELECT DISTINCT q.portal_id FROM queues q
+WHERE NOT EXISTS (SELECT 1 FROM portals p WHERE p.portal_id = q.portal_id)
+ORDER BY q.portal_id
+"""
+
+HAS_ACTIONS = "SELECT EXISTS (SELECT 1 FROM queues WHERE portal_id = $1) AS known"
+
+# A connection (the CLI's, with a refresh token only): replaces whatever was stored.
 UPSERT_REFRESH_TOKEN = """
 INSERT INTO portals (portal_id, refresh_token) VALUES ($1, $2)
 ON CONFLICT (portal_id) DO UPDATE
 SET refresh_token = EXCLUDED.refresh_token, access_token = NULL, access_expires_at = NULL,
-    updated_at = now()
+    status = 'connected', disconnected_reason = NULL, disconnected_at = NULL,
+    last_refresh_error = NULL, connected_at = now(), updated_at = now(),
+    version = portals.version + 1
+"""
+
+# An install (or reinstall): every token and what HubSpot granted, in one statement.
+CONNECT_PORTAL = """
+INSERT INTO portals (portal_id, refresh_token, access_token, access_expires_at, scopes,
+                     hub_domain, last_refresh_at)
+VALUES ($1, $2, $3, $4, $5, $6, now())
+ON CONFLICT (portal_id) DO UPDATE
+SET refresh_token = EXCLUDED.refresh_token, access_token = EXCLUDED.access_token,
+    access_expires_at = EXCLUDED.access_expires_at, scopes = EXCLUDED.scopes,
+    hub_domain = EXCLUDED.hub_domain, status = 'connected', disconnected_reason = NULL,
+    disconnected_at = NULL, last_refresh_at = now(), last_refresh_error = NULL,
+    connected_at = now(), updated_at = now(), version = portals.version + 1
 """
 
 SAVE_TOKENS = """
 UPDATE portals SET refresh_token = $2, access_token = $3, access_expires_at = $4,
-    updated_at = now()
+    last_refresh_at = now(), last_refresh_error = NULL, updated_at = now(),
+    version = version + 1
 WHERE portal_id = $1
 """
+
+SET_PORTAL_DETAILS = """
+UPDATE portals SET scopes = $2, hub_domain = COALESCE($3, hub_domain), updated_at = now()
+WHERE portal_id = $1
+"""
+
+RECORD_REFRESH_ERROR = """
+UPDATE portals SET last_refresh_error = $2, updated_at = now() WHERE portal_id = $1
+"""
+
+# Disconnected: the stored tokens are gone (revoked, or refused by HubSpot); actions wait.
+DISCONNECT_PORTAL = """
+INSERT INTO portals (portal_id, status, disconnected_reason, disconnected_at)
+VALUES ($1, 'disconnected', $2, now())
+ON CONFLICT (portal_id) DO UPDATE
+SET refresh_token = NULL, access_token = NULL, access_expires_at = NULL,
+    status = 'disconnected', disconnected_reason = EXCLUDED.disconnected_reason,
+    disconnected_at = now(), updated_at = now(), version = portals.version + 1
+"""
+
+# Rows that wait for their portal's connection go again now (it is connected).
+WAKE_PORTAL = """
+UPDATE actions SET not_before = NULL
+WHERE portal_id = $1 AND state = 'pending' AND not_before IS NOT NULL
+  AND starts_with(last_error, $2)
+RETURNING queue_id
+"""
+
+PORTAL_BACKLOG = """
+SELECT portal_id,
+       count(*) FILTER (WHERE state IN ('pending', 'claimed')) AS pending,
+       count(*) FILTER (WHERE state = 'failed') AS failed,
+       count(*) FILTER (WHERE state = 'expired') AS expired
+FROM actions WHERE ($1::bigint IS NULL OR portal_id = $1)
+  AND state IN ('pending', 'claimed', 'failed', 'expired')
+GROUP BY portal_id
+"""
+
+# Re-encryption (keys rotate): batches in portal order.
+PORTAL_CIPHERTEXTS = """
+SELECT portal_id, refresh_token, access_token FROM portals
+WHERE portal_id > $1 AND (refresh_token IS NOT NULL OR access_token IS NOT NULL)
+ORDER BY portal_id LIMIT $2
+FOR UPDATE
+"""
+
+REENCRYPT_PORTAL = """
+UPDATE portals SET refresh_token = $2, access_token = $3, updated_at = now(),
+    version = version + 1
+WHERE portal_id = $1
+"""
+
+# -- OAuth install flow ----------------------------------------------------------------------
+
+# A state for an install under way; refused (no row) when too many are live at once.
+INSERT_OAUTH_STATE = """
+INSERT INTO oauth_states (state_sha256, redirect_uri, expires_at)
+SELECT $1, $2, $3
+WHERE (SELECT count(*) FROM oauth_states WHERE expires_at > $4) < $5
+RETURNING 1
+"""
+
+# Single use: taking a state deletes it, whether it is still live or not.
+TAKE_OAUTH_STATE = f"""
+DELETE FROM oauth_states WHERE state_sha256 = $1
+RETURNING redirect_uri, {_readable("expires_at")} AS expires_at
+"""
+
+DELETE_EXPIRED_OAUTH_STATES = "DELETE FROM oauth_states WHERE expires_at <= $1"
 
 # -- operations -----------------------------------------------------------------------------
 

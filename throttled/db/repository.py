@@ -112,18 +112,67 @@ class QueueRow:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class PortalTokens:
-    """A portal's stored (encrypted) OAuth tokens."""
+class PortalRow:
+    """A portal's connection: its stored (encrypted) OAuth tokens and what is known of it."""
 
     portal_id: int
     refresh_token: str | None
     access_token: str | None
     access_expires_at: datetime | None
+    status: str = "connected"
+    disconnected_reason: str | None = None
+    disconnected_at: datetime | None = None
+    scopes: tuple[str, ...] = ()
+    hub_domain: str | None = None
+    last_refresh_at: datetime | None = None
+    last_refresh_error: str | None = None
+    connected_at: datetime | None = None
+    updated_at: datetime | None = None
 
     @classmethod
-    def from_row(cls, row: asyncpg.Record) -> PortalTokens:
+    def from_row(cls, row: asyncpg.Record) -> PortalRow:
         """Build from a portals row."""
-        return cls(**dict(row))
+        values = dict(row)
+        values["scopes"] = tuple(values.get("scopes") or ())
+        return cls(**values)
+
+    @property
+    def connected(self) -> bool:
+        """Connected, with a refresh token to get access tokens from."""
+        return self.status == "connected" and self.refresh_token is not None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Backlog:
+    """A portal's actions that are not done."""
+
+    pending: int = 0
+    failed: int = 0
+    expired: int = 0
+
+
+class LockedPortal:
+    """A portal's row, locked for the life of the block (see Repository.locked_portal)."""
+
+    def __init__(self, conn: Any, portal_id: int, row: PortalRow | None) -> None:
+        self._conn = conn
+        self.portal_id = portal_id
+        self.row = row
+
+    async def save_tokens(self, refresh: str, access: str, expires_at: datetime) -> None:
+        """Store a refreshed token pair (encrypted), still under the lock."""
+        with translate_errors():
+            await self._conn.execute(q.SAVE_TOKENS, self.portal_id, refresh, access, expires_at)
+
+    async def disconnect(self, reason: str) -> None:
+        """Mark the portal disconnected (its tokens are dropped), still under the lock."""
+        with translate_errors():
+            await self._conn.execute(q.DISCONNECT_PORTAL, self.portal_id, reason)
+
+    async def record_error(self, error: str) -> None:
+        """Note a failed refresh, still under the lock."""
+        with translate_errors():
+            await self._conn.execute(q.RECORD_REFRESH_ERROR, self.portal_id, error)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -374,20 +423,136 @@ class Repository:
 
     # -- portals ----------------------------------------------------------------------------
 
-    async def get_portal(self, portal_id: int) -> PortalTokens | None:
-        """A portal's stored tokens, or None if it is not connected."""
+    async def get_portal(self, portal_id: int) -> PortalRow | None:
+        """A portal's row, or None if it was never connected."""
         rows = await self._fetch(q.GET_PORTAL, portal_id)
-        return PortalTokens.from_row(rows[0]) if rows else None
+        return PortalRow.from_row(rows[0]) if rows else None
+
+    async def list_portals(self) -> list[PortalRow]:
+        """Every portal with a row, then those that only have actions (never connected)."""
+        rows = [PortalRow.from_row(r) for r in await self._fetch(q.LIST_PORTALS)]
+        unconnected = await self._fetch(q.UNCONNECTED_PORTALS)
+        return rows + [
+            PortalRow(
+                portal_id=r["portal_id"],
+                refresh_token=None,
+                access_token=None,
+                access_expires_at=None,
+                status="not_connected",
+            )
+            for r in unconnected
+        ]
+
+    async def find_portal(self, portal_id: int) -> PortalRow | None:
+        """The portal's row; one with actions but never connected is known too (status
+        'not_connected'); None for a portal throttled has never heard of."""
+        row = await self.get_portal(portal_id)
+        if row is not None:
+            return row
+        if not (await self._fetch(q.HAS_ACTIONS, portal_id))[0]["known"]:
+            return None
+        return PortalRow(
+            portal_id=portal_id,
+            refresh_token=None,
+            access_token=None,
+            access_expires_at=None,
+            status="not_connected",
+        )
+
+    @contextlib.asynccontextmanager
+    async def locked_portal(
+        self, portal_id: int, *, lock_timeout_s: float
+    ) -> AsyncIterator[LockedPortal]:
+        """The portal's row locked (FOR UPDATE) in a transaction for the life of the block:
+        whoever holds it is the only one, in any instance, refreshing its tokens. Waiting for
+        the lock longer than `lock_timeout_s` raises DatabaseError."""
+        with translate_errors():
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_s * 1000)}")
+                rows = await conn.fetch(q.LOCK_PORTAL, portal_id)
+                yield LockedPortal(conn, portal_id, PortalRow.from_row(rows[0]) if rows else None)
 
     async def set_refresh_token(self, portal_id: int, encrypted: str) -> None:
-        """Connect a portal (or replace its refresh token)."""
+        """Connect a portal with a refresh token only (or replace its connection)."""
         await self._execute(q.UPSERT_REFRESH_TOKEN, portal_id, encrypted)
+
+    async def connect_portal(
+        self,
+        portal_id: int,
+        *,
+        refresh: str,
+        access: str,
+        expires_at: datetime,
+        scopes: Sequence[str],
+        hub_domain: str | None,
+    ) -> None:
+        """Store an install's tokens (encrypted) and grants in one statement; reconnects."""
+        await self._execute(
+            q.CONNECT_PORTAL, portal_id, refresh, access, expires_at, list(scopes), hub_domain
+        )
 
     async def save_tokens(
         self, portal_id: int, refresh: str, access: str, expires_at: datetime
     ) -> None:
         """Store a refreshed token pair (encrypted)."""
         await self._execute(q.SAVE_TOKENS, portal_id, refresh, access, expires_at)
+
+    async def set_portal_details(
+        self, portal_id: int, scopes: Sequence[str], hub_domain: str | None
+    ) -> None:
+        """What token-info said the portal granted."""
+        await self._execute(q.SET_PORTAL_DETAILS, portal_id, list(scopes), hub_domain)
+
+    async def disconnect_portal(self, portal_id: int, reason: str) -> None:
+        """Drop a portal's tokens and mark it disconnected; its actions wait."""
+        await self._execute(q.DISCONNECT_PORTAL, portal_id, reason)
+
+    async def wake_portal(self, portal_id: int, marker: str) -> set[int]:
+        """Rows of this portal waiting for its connection (last_error starts with `marker`)
+        become due now; returns their queues."""
+        return {r["queue_id"] for r in await self._fetch(q.WAKE_PORTAL, portal_id, marker)}
+
+    async def portal_backlog(self, portal_id: int | None = None) -> dict[int, Backlog]:
+        """Pending (claimed included), failed and expired actions per portal."""
+        rows = await self._fetch(q.PORTAL_BACKLOG, portal_id)
+        return {
+            r["portal_id"]: Backlog(pending=r["pending"], failed=r["failed"], expired=r["expired"])
+            for r in rows
+        }
+
+    async def reencrypt_batch(self, after: int, limit: int, convert: Any) -> tuple[int, int]:
+        """Re-encrypt one batch of portals (ids > `after`) in one transaction: `convert(row)`
+        returns the new (refresh, access) or None to leave a row as it is. Returns (last
+        portal id seen, rows changed); last id 0 when there are no more."""
+        with translate_errors():
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(q.PORTAL_CIPHERTEXTS, after, limit)
+                changed = 0
+                for row in rows:
+                    new = convert(row)
+                    if new is not None:
+                        await conn.execute(q.REENCRYPT_PORTAL, row["portal_id"], *new)
+                        changed += 1
+        return (rows[-1]["portal_id"] if rows else 0), changed
+
+    # -- OAuth install flow -----------------------------------------------------------------
+
+    async def add_oauth_state(
+        self, digest: bytes, redirect_uri: str, expires_at: datetime, now: datetime, limit: int
+    ) -> bool:
+        """Store an install's state (its hash); False when `limit` states are live already."""
+        rows = await self._fetch(q.INSERT_OAUTH_STATE, digest, redirect_uri, expires_at, now, limit)
+        return bool(rows)
+
+    async def take_oauth_state(self, digest: bytes) -> tuple[str, datetime] | None:
+        """Remove a state and return its (redirect_uri, expires_at); None if unknown."""
+        rows = await self._fetch(q.TAKE_OAUTH_STATE, digest)
+        return (rows[0]["redirect_uri"], rows[0]["expires_at"]) if rows else None
+
+    async def delete_expired_oauth_states(self, now: datetime) -> int:
+        """Retention for states never used."""
+        status = await self._execute(q.DELETE_EXPIRED_OAUTH_STATES, now)
+        return int(status.split()[-1])
 
     # -- configuration and stats ------------------------------------------------------------
 

@@ -1,11 +1,10 @@
-"""Outgoing calls to HubSpot: batch callback completion and OAuth token refresh."""
+"""Outgoing calls to HubSpot: batch callback completion (OAuth is in hubspot/oauth.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
 import json
-import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -25,21 +24,16 @@ class CompletionResult:
     retry_after_s: float | None = None
     policy_name: str | None = None
     rate_interval_s: float | None = None
+    # X-HubSpot-RateLimit-*: what is left of the portal's rolling and daily limits
+    rate_max: int | None = None
+    rate_remaining: int | None = None
+    daily_max: int | None = None
+    daily_remaining: int | None = None
 
     @property
     def ok(self) -> bool:
         """HubSpot accepted the batch (204)."""
         return 200 <= self.status < 300
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class TokenResponse:
-    """A successful OAuth token grant."""
-
-    access_token: str
-    refresh_token: str
-    expires_in: float
-    hub_id: int | None
 
 
 # What HubSpot answers is outside input too: every value taken from it is bounded here.
@@ -68,18 +62,12 @@ class HubSpotClient:
         session: aiohttp.ClientSession,
         *,
         api_base_url: str,
-        client_id: str,
-        client_secret: str,
         timeout_s: float,
         batch_complete_path: str = "/automation/v4/actions/callbacks/complete",
-        token_path: str = "/oauth/v1/token",
         send_typed_outputs: bool = False,
     ) -> None:
         self._session = session
         self._complete_url = api_base_url.rstrip("/") + batch_complete_path
-        self._token_url = api_base_url.rstrip("/") + token_path
-        self._client_id = client_id
-        self._client_secret = client_secret
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._typed = send_typed_outputs
 
@@ -124,29 +112,6 @@ class HubSpotClient:
         except _UNREACHABLE as exc:
             return CompletionResult(status=0, message=f"{type(exc).__name__}: {exc}"[:500])
 
-    async def refresh(self, refresh_token: str) -> TokenResponse:
-        """Exchange a refresh token for a new access token."""
-        form = {
-            "grant_type": "refresh_token",
-            "client_id": self._client_id,
-            "client_secret": self._client_secret,
-            "refresh_token": refresh_token,
-        }
-        try:
-            async with self._session.post(
-                self._token_url, data=form, timeout=self._timeout
-            ) as resp:
-                text = await resp.text()
-                status = resp.status
-        except _UNREACHABLE as exc:
-            raise TokenError(
-                f"token endpoint unreachable: {type(exc).__name__}", permanent=False
-            ) from None
-        if status != 200:
-            message = _error_message(text)
-            raise TokenError(f"token refresh refused ({status}): {message}", permanent=status < 500)
-        return _token_response(text, refresh_token)
-
 
 def retry_after_s(raw: str | None, now: float) -> float | None:
     """Retry-After as seconds within 0..MAX_RETRY_AFTER_S: delay-seconds or an HTTP-date
@@ -178,7 +143,17 @@ def _result(status: int, headers: Any, text: str) -> CompletionResult:
         rate_interval_s=min(int(interval_ms) / 1000, MAX_RETRY_AFTER_S)
         if _DIGITS.fullmatch(interval_ms) and int(interval_ms) > 0
         else None,
+        rate_max=_count(headers, "X-HubSpot-RateLimit-Max"),
+        rate_remaining=_count(headers, "X-HubSpot-RateLimit-Remaining"),
+        daily_max=_count(headers, "X-HubSpot-RateLimit-Daily"),
+        daily_remaining=_count(headers, "X-HubSpot-RateLimit-Daily-Remaining"),
     )
+
+
+def _count(headers: Any, name: str) -> int | None:
+    """A rate-limit header's count (at most 12 digits), or None."""
+    text = (headers.get(name) or "").strip()
+    return int(text) if _DIGITS.fullmatch(text) else None
 
 
 def _json(text: str) -> Any:
@@ -196,25 +171,6 @@ def _error_message(text: str) -> str:
         parts = [str(doc.get(k)) for k in ("category", "status", "message") if doc.get(k)]
         return ": ".join(parts)[:500]
     return text[:300]
-
-
-def _token_response(text: str, old_refresh: str) -> TokenResponse:
-    try:
-        doc = json.loads(text)
-        expires_in = float(doc["expires_in"])
-        if not math.isfinite(expires_in):
-            raise ValueError(expires_in)
-        hub_id = doc.get("hub_id")
-        return TokenResponse(
-            access_token=str(doc["access_token"]),
-            refresh_token=str(doc.get("refresh_token") or old_refresh),
-            expires_in=min(max(expires_in, 0.0), MAX_TOKEN_LIFETIME_S),
-            hub_id=None if hub_id is None else int(hub_id),
-        )
-    except (KeyError, TypeError, ValueError, OverflowError, RecursionError):
-        raise TokenError(
-            "token endpoint answered with an unexpected body", permanent=False
-        ) from None
 
 
 async def _on_chunk_sent(

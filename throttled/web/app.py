@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import zlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
 
 import structlog
 from aiohttp import hdrs, web
@@ -16,54 +13,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from throttled import metrics
 from throttled.config import Config
-from throttled.db.repository import DatabaseError, DatabaseUnavailable, NewAction, Repository
+from throttled.db.repository import DatabaseError, DatabaseUnavailable, NewAction
 from throttled.hubspot import signature
 from throttled.hubspot.action import PayloadError, parse
-from throttled.ingest import Ingest, Overloaded, Stopping
-from throttled.intake import Intake
+from throttled.ingest import Overloaded, Stopping
+from throttled.web import oauth, portals
+from throttled.web.admin import admin_only
+from throttled.web.services import SERVICES, Services, clip, error
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(eq=False, kw_only=True)
-class Services:
-    """What the handlers need, built by the daemon."""
-
-    config: Config
-    repo: Repository
-    ingest: Ingest
-    intake: Intake
-    secrets: tuple[str, ...]
-    expiration: str
-    stopping: bool = False
-
-    @property
-    def block_body(self) -> bytes:
-        """The 200 BLOCK answer: the same bytes for every action, so built once."""
-        if self._block_body is None:
-            self._block_body = json.dumps(
-                {
-                    "outputFields": {
-                        "hs_execution_state": "BLOCK",
-                        "hs_expiration_duration": self.expiration,
-                    }
-                }
-            ).encode()
-        return self._block_body
-
-    _block_body: bytes | None = None
-
-
-SERVICES = web.AppKey("services", Services)
-
-
-def error(status: int, code: str, message: str, **extra: Any) -> web.Response:
-    """A JSON error body that names the problem."""
-    headers = {"Retry-After": str(extra.pop("retry_after"))} if "retry_after" in extra else None
-    metrics.REJECTED.inc(reason=code)
-    return web.json_response(
-        {"error": code, "message": message, **extra}, status=status, headers=headers
-    )
 
 
 def signed_uri(request: web.Request, public_url: str) -> str:
@@ -81,7 +39,6 @@ _BODY_ERRORS = (web.RequestPayloadError, HttpProcessingError, ConnectionError)
 # its parser, and it does not notice a stream cut short), and the "no coding" ones.
 _CODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity", ""})
 _DECODED = frozenset({"gzip", "x-gzip", "deflate"})
-_MAX_ECHO = 200  # characters of a path or header value an error body repeats
 
 
 async def handle_action(request: web.Request) -> web.StreamResponse:
@@ -119,10 +76,16 @@ async def handle_action(request: web.Request) -> web.StreamResponse:
         return internal_error(request, exc)
 
 
+def _stopping(services: Services) -> web.Response:
+    """The 503 of a daemon shutting down, before or after the request reached intake."""
+    retry = services.config.ingest.retry_after_s
+    return error(503, "stopping", "throttled is shutting down; retry", retry_after=retry)
+
+
 def _refuse(request: web.Request, services: Services) -> web.Response | None:
     """The answer to a request refused on its headers alone, if it is."""
     if services.stopping:
-        return error(503, "stopping", "throttled is shutting down; retry", retry_after=5)
+        return _stopping(services)
     limit = services.config.ingest.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         return _too_large(limit)
@@ -233,7 +196,7 @@ async def _store(services: Services, action: NewAction) -> web.Response:
     except Overloaded:
         return error(429, "overloaded", "intake buffer is full; retry later", retry_after=retry)
     except Stopping:
-        return error(503, "stopping", "throttled is shutting down; retry", retry_after=retry)
+        return _stopping(services)
     except DatabaseUnavailable:
         return error(
             503, "database_unavailable", "storage is unavailable; retry", retry_after=retry
@@ -249,11 +212,6 @@ async def _store(services: Services, action: NewAction) -> web.Response:
 
 def _too_large(limit: int) -> web.Response:
     return error(413, "payload_too_large", f"request body exceeds {limit} bytes")
-
-
-def clip(text: str, limit: int = _MAX_ECHO) -> str:
-    """Text cut to what an error body may repeat."""
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def internal_error(request: web.Request, exc: Exception) -> web.Response:
@@ -312,30 +270,46 @@ def make_app(services: Services) -> web.Application:
         handler_args={"auto_decompress": False},  # the action endpoint decodes (see _decode)
     )
     app[SERVICES] = services
-    routes: dict[str, tuple[str, Handler]] = {
-        "/api/hubspot/action": ("POST", handle_action),
-        "/healthz": ("GET", guarded(handle_healthz)),
-        "/readyz": ("GET", guarded(handle_readyz)),
-        "/metrics": ("GET", guarded(handle_metrics)),
-    }
-    for path, (method, handler) in routes.items():
-        if method == "GET":
-            app.router.add_get(path, handler)  # and HEAD
-        else:
-            app.router.add_route(method, path, handler)
-    allowed = {
-        path: method + (", HEAD" if method == "GET" else "") for path, (method, _) in routes.items()
-    }
+
+    def admin(handler: Handler) -> Handler:
+        return guarded(admin_only(handler, lambda request: request.app[SERVICES].admin, error))
+
+    # Token-free: the action endpoint (signed), the OAuth flow (its state), health and metrics.
+    routes: list[tuple[str, str, Handler]] = [
+        ("POST", "/api/hubspot/action", handle_action),
+        ("GET", "/api/oauth/authorize", guarded(oauth.authorize)),
+        ("GET", "/api/oauth/callback", guarded(oauth.callback)),
+        ("GET", "/api/portals", admin(portals.list_portals)),
+        ("GET", "/api/portals/{id}", admin(portals.show_portal)),
+        ("POST", "/api/portals/{id}/test", admin(portals.test_portal)),
+        ("DELETE", "/api/portals/{id}/connection", admin(portals.disconnect_portal)),
+        ("GET", "/healthz", guarded(handle_healthz)),
+        ("GET", "/readyz", guarded(handle_readyz)),
+        ("GET", "/metrics", guarded(handle_metrics)),
+    ]
+    known: list[web.AbstractResource] = []
+    for method, path, handler in routes:
+        route = (
+            app.router.add_get(path, handler)  # (and HEAD)
+            if method == "GET"
+            else app.router.add_route(method, path, handler)
+        )
+        if route.resource is not None and route.resource not in known:
+            known.append(route.resource)
 
     async def unmatched(request: web.Request) -> web.StreamResponse:
         # The path the router matched against: percent-decoded, except %2F and %25, so that
         # /api/hubspot%2Faction, which no route matched, is not taken for a known path.
         path = request.rel_url.path_safe
-        methods = allowed.get(path)
-        if methods is None:
+        allowed: set[str] = set()
+        for resource in known:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+        if not allowed:
             return error(404, "not_found", f"no such path: {clip(path)}")
-        response = error(405, "method_not_allowed", f"{path} accepts {methods}")
-        response.headers["Allow"] = methods
+        shown = ", ".join(sorted(allowed))
+        response = error(405, "method_not_allowed", f"{clip(path)} accepts {shown}")
+        response.headers["Allow"] = shown
         return response
 
     anything = _AnyPath("/{tail:.*}")

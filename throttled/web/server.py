@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from throttled.web.app import clip, error
+from throttled.web.services import clip, error
 
 
 class _Connection(web.RequestHandler):

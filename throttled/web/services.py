@@ -1,0 +1,70 @@
+"""What the HTTP handlers share: the daemon's services, and JSON error bodies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from throttled import metrics
+from throttled.config import Config
+from throttled.db.repository import Repository
+from throttled.ingest import Ingest
+from throttled.intake import Intake
+from throttled.tokens import Tokens
+from throttled.web.admin import AdminAuth
+
+_MAX_ECHO = 200  # characters of a path or header value an error body repeats
+
+
+@dataclass(eq=False, kw_only=True)
+class Services:
+    """What the handlers need, built by the daemon."""
+
+    config: Config
+    repo: Repository
+    ingest: Ingest
+    intake: Intake
+    secrets: tuple[str, ...]
+    expiration: str
+    tokens: Tokens
+    admin: AdminAuth
+    auth_base_url: str
+    clock: Callable[[], float]
+    stopping: bool = False
+
+    @property
+    def block_body(self) -> bytes:
+        """The 200 BLOCK answer: the same bytes for every action, so built once."""
+        if self._block_body is None:
+            self._block_body = json.dumps(
+                {
+                    "outputFields": {
+                        "hs_execution_state": "BLOCK",
+                        "hs_expiration_duration": self.expiration,
+                    }
+                }
+            ).encode()
+        return self._block_body
+
+    _block_body: bytes | None = None
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def error(status: int, code: str, message: str, **extra: Any) -> web.Response:
+    """A JSON error body that names the problem."""
+    headers = {"Retry-After": str(extra.pop("retry_after"))} if "retry_after" in extra else None
+    metrics.REJECTED.inc(reason=code)
+    return web.json_response(
+        {"error": code, "message": message, **extra}, status=status, headers=headers
+    )
+
+
+def clip(text: str, limit: int = _MAX_ECHO) -> str:
+    """Text cut to what an error body may repeat."""
+    return text if len(text) <= limit else text[:limit] + "…"
