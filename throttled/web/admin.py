@@ -129,11 +129,11 @@ def portal_view(row: PortalRow, backlog: Backlog, tokens: Tokens | None) -> dict
     health = tokens.health.portal(row.portal_id) if tokens is not None else None
     snapshot = health.snapshot() if health is not None else {}
     connected = row.connected
-    if not connected:
-        snapshot["state"] = "unhealthy"
-    state = (
-        "connected" if connected else row.status if row.status != "connected" else "disconnected"
-    )
+    if connected:
+        state = "connected"
+    else:
+        state = "not_connected" if row.status == "not_connected" else "disconnected"
+        snapshot["state"] = "unhealthy"  # (whatever its last requests said)
     return {
         "portal_id": row.portal_id,
         "connection": state,
