@@ -94,6 +94,8 @@ async def test_the_environment_token_is_added_with_id_env(
         ([{"token": OLD, "token_sha256": "0" * 64, "id": "x"}], "exactly one"),
         (["just-a-string"], "expected a table"),
         ([{"id": "a", "token": OLD, "extra": 1}], "unknown config key"),
+        ([{"id": "a", "token": "  " + OLD + "  "}], "without spaces"),
+        ([{"id": "a", "token": "abcdefgh ijklmnopqrst"}], "without spaces"),
     ],
 )
 def test_bad_admin_tokens_are_config_errors_that_never_echo_the_token(tokens, message):
@@ -204,3 +206,33 @@ async def test_disconnect_revokes_drops_the_tokens_and_keeps_the_actions(
         assert view["connection"] == "disconnected"
         assert view["health"] == "unhealthy"
         assert "operator" in view["disconnected_reason"]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "scopes = ARRAY['automation', NULL]",
+        "scopes = ARRAY[ARRAY['automation', 'oauth'], ARRAY['a', 'b']]",
+        "scopes = (SELECT array_agg('s' || g) FROM generate_series(1, 100000) g)",
+        "hub_domain = repeat('d', 10000), disconnected_reason = repeat('r', 100000)",
+        "access_expires_at = 'infinity', last_refresh_at = '-infinity'",
+        "refresh_token = 'garbage', access_token = repeat('x', 100000)",
+    ],
+)
+async def test_a_portal_row_edited_by_hand_never_breaks_the_listing(
+    daemon_factory, fake_hubspot, db_url, edit
+):
+    async with daemon_factory(**ADMIN) as daemon:
+        await daemon.connect_portal(fake_hubspot, 62515)
+        await daemon.connect_portal(fake_hubspot, 1)
+        with psycopg.connect(db_url) as conn:
+            conn.execute(f"UPDATE portals SET {edit} WHERE portal_id = 62515")
+        status, _, body = await call(daemon, "GET", "/api/portals", token=OLD)
+        assert status == 200
+        views = {p["portal_id"]: p for p in body["portals"]}
+        assert set(views) == {1, 62515}
+        assert len(views[62515]["scopes"]) <= 200
+        assert all(isinstance(s, str) for s in views[62515]["scopes"])
+        assert len(str(views[62515])) < 5000
+        status, _, _ = await call(daemon, "GET", "/api/portals/62515", token=OLD)
+        assert status == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.daemon_process import free_port
+from throttled.daemon import maintain_once
 from throttled.hubspot.fake import Consent, FakeHubSpot
 from throttled.web import oauth
 
@@ -246,8 +248,11 @@ async def test_reinstalling_replaces_the_tokens_and_reconnects(db_url, fake_hubs
         assert state == "connected"
         assert refresh != first_refresh
         assert access != first_access
-        with psycopg.connect(db_url) as conn:
-            assert conn.execute("SELECT attempts FROM actions").fetchone() == (1,)
+        with psycopg.connect(db_url) as conn:  # the wait cost it nothing
+            await wait_for(
+                lambda: conn.execute("SELECT state FROM actions").fetchone() == ("done",)
+            )
+            assert conn.execute("SELECT failures FROM actions").fetchone() == (0,)
 
 
 async def test_authorize_without_a_public_url_names_the_keys_to_set(db_url, fake_hubspot):
@@ -259,16 +264,49 @@ async def test_authorize_without_a_public_url_names_the_keys_to_set(db_url, fake
     assert "hubspot.redirect_uri" in text
 
 
-async def test_live_states_are_bounded(db_url, fake_hubspot, monkeypatch):
-    monkeypatch.setattr(oauth, "MAX_LIVE_STATES", 3)
+async def test_live_states_are_capped_per_client_and_in_all_exactly(
+    db_url, fake_hubspot, monkeypatch
+):
+    monkeypatch.setattr(oauth, "MAX_CLIENT_STATES", 4)
+    monkeypatch.setattr(oauth, "MAX_LIVE_STATES", 6)
+
+    async def authorize(daemon: Daemon, forwarded: str) -> int:
+        headers = {"X-Forwarded-For": f"203.0.113.9, {forwarded}"}
+        async with daemon.session.get(
+            daemon.url + "/api/oauth/authorize", allow_redirects=False, headers=headers
+        ) as resp:
+            return resp.status
+
+    server = {"trust_forwarded_for": True}
+    async with installer(db_url, fake_hubspot, "v3", server=server) as daemon:
+        # one client, all at once: exactly its cap gets through
+        first = await asyncio.gather(*(authorize(daemon, "198.51.100.1") for _ in range(10)))
+        assert sorted(first) == [302] * 4 + [429] * 6
+        # the same IPv6 /64 is one client; another /64 is another
+        assert await authorize(daemon, "2001:db8:0:1::1") == 302
+        assert await authorize(daemon, "2001:db8:0:1::2") == 302
+        assert await authorize(daemon, "2001:db8:0:2::1") == 503  # 6 in all
+        with psycopg.connect(db_url) as conn:
+            assert conn.execute("SELECT count(*) FROM oauth_states").fetchone() == (6,)
+            conn.execute("UPDATE oauth_states SET expires_at = now() - interval '1 second'")
+        assert await authorize(daemon, "198.51.100.1") == 302  # expired ones no longer count
+        await maintain_once(daemon.runtime)
+        with psycopg.connect(db_url) as conn:  # and maintenance deletes them
+            assert conn.execute("SELECT count(*) FROM oauth_states").fetchone() == (1,)
+
+
+async def test_forwarded_for_is_ignored_unless_trusted(db_url, fake_hubspot, monkeypatch):
+    monkeypatch.setattr(oauth, "MAX_CLIENT_STATES", 2)
     async with installer(db_url, fake_hubspot, "v3") as daemon:
         statuses = []
-        for _ in range(5):
+        for n in range(3):  # a new "client" each time, by a header anyone can send
             async with daemon.session.get(
-                daemon.url + "/api/oauth/authorize", allow_redirects=False
+                daemon.url + "/api/oauth/authorize",
+                allow_redirects=False,
+                headers={"X-Forwarded-For": f"198.51.100.{n}"},
             ) as resp:
                 statuses.append(resp.status)
-    assert statuses == [302, 302, 302, 503, 503]
+    assert statuses == [302, 302, 429]
 
 
 async def test_a_hubspot_outage_during_the_exchange_is_a_502_page(db_url, fake_hubspot):
@@ -315,3 +353,40 @@ async def test_mock_mode_installs_against_the_built_in_fake(db_url, tmp_path):
         status, _, text = await follow(daemon, "/api/oauth/authorize")
     assert status == 200, text
     assert portal_rows(db_url)[0][1] == "connected"
+
+
+async def test_head_neither_stores_nor_spends_a_state(db_url, fake_hubspot):
+    fake_hubspot.consent = Consent(portal_id=PORTAL)
+    async with installer(db_url, fake_hubspot, "v3") as daemon:
+        callback = await consent_redirect(daemon)
+        for url in (daemon.url + "/api/oauth/authorize", callback):
+            async with daemon.session.head(url, allow_redirects=False) as resp:
+                assert resp.status == 405
+        with psycopg.connect(db_url) as conn:
+            assert conn.execute("SELECT count(*) FROM oauth_states").fetchone() == (1,)
+        assert (await get(daemon, callback))[0] == 200
+
+
+async def test_an_install_naming_no_portal_is_refused_and_its_tokens_given_back(
+    db_url, fake_hubspot
+):
+    fake_hubspot.consent = Consent(portal_id=PORTAL)
+    fake_hubspot.token_names_portal = False  # a token response without hub_id ...
+    fake_hubspot.introspect_minimal = True  # ... and introspection says only {"active": true}
+    async with installer(db_url, fake_hubspot, "v3") as daemon:
+        status, text = await install(daemon)
+    assert status == 502
+    assert "which portal" in text
+    assert portal_rows(db_url) == []
+    assert len(fake_hubspot.revoked) == 1
+
+
+async def test_a_token_response_without_hub_id_is_completed_by_token_info(
+    db_url, fake_hubspot, oauth_version
+):
+    fake_hubspot.consent = Consent(portal_id=PORTAL)
+    fake_hubspot.token_names_portal = False
+    async with installer(db_url, fake_hubspot, oauth_version) as daemon:
+        status, text = await install(daemon)
+    assert status == 200, text
+    assert portal_rows(db_url)[0][:2] == (PORTAL, "connected")

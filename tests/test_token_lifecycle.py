@@ -13,7 +13,7 @@ import aiohttp
 import psycopg
 import pytest
 
-from tests.conftest import action_payload, make_config, wait_for
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, action_payload, make_config, wait_for
 from throttled.crypto import KeyRing
 from throttled.daemon import make_tokens
 from throttled.db.repository import Repository
@@ -270,3 +270,45 @@ async def test_a_disconnect_elsewhere_stops_this_instance_within_the_recheck(db_
         clock.now += RECHECK_S + 1
         with pytest.raises(PortalNotConnected, match="by the CLI"):  # ... for a while only
             await here.access_token(PORTAL)
+
+
+async def test_an_uninstall_seen_as_401_costs_the_actions_no_attempt(
+    daemon_factory, fake_hubspot, db_url
+):
+    # max_attempts = 1: a single counted failure would fail the actions for good
+    sender = {"disconnected_retry_s": 0.2, "max_attempts": 1, "backoff_base_s": 0.05}
+    async with daemon_factory(sender=sender) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        await daemon.runtime.dispatcher.tokens.access_token(PORTAL)  # cached, then revoked:
+        fake_hubspot.revoke_portal(PORTAL, access_tokens=True)  # the next send gets a 401
+        payloads = [action_payload(portal_id=PORTAL) for _ in range(20)]
+        for p in payloads:
+            assert (await daemon.post_action(p))[0] == 200
+        with psycopg.connect(db_url) as conn:
+
+            def rows() -> list[tuple[str, int, int, str]]:
+                return conn.execute(
+                    "SELECT state, attempts, failures, coalesce(last_error, '') FROM actions"
+                ).fetchall()
+
+            await wait_for(lambda: all(e.startswith("waiting") for *_, e in rows()))
+            assert {(s, a, f) for s, a, f, _ in rows()} <= {("pending", 0, 0), ("claimed", 0, 0)}
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        await wait_for(lambda: all(p["callbackId"] in fake_hubspot.completed for p in payloads))
+
+
+async def test_a_token_shorter_lived_than_the_margin_is_not_refreshed_at_every_call(db_url):
+    async with FakeHubSpot(
+        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, token_ttl_s=120
+    ) as fake:
+        fake.register_portal(PORTAL, "rt-1")
+        cfg_clock = Clock()
+        async with token_store(db_url, fake, "v3", cfg_clock) as tokens:
+            await tokens.connect(PORTAL, "rt-1")
+            first = await tokens.access_token(PORTAL)  # margin 300 s > the 120 s lifetime
+            for _ in range(5):
+                assert await tokens.access_token(PORTAL) == first
+            assert len(refresh_requests(fake)) == 1
+            cfg_clock.now += 61  # past half its life: refreshed
+            assert await tokens.access_token(PORTAL) != first
+            assert len(refresh_requests(fake)) == 2

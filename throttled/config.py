@@ -93,6 +93,7 @@ class ServerConfig:
     public_url: str = ""
     shutdown_timeout_s: float = _num(30.0, 1, 3600)
     body_timeout_s: float = _num(10.0, 0.1, 300)
+    trust_forwarded_for: bool = False  # the client is X-Forwarded-For's last entry
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,6 +219,7 @@ MIN_ADMIN_TOKEN_CHARS = 16
 MAX_ADMIN_TOKEN_CHARS = 512
 _ADMIN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_ADMIN_TOKEN = re.compile(r"[\x21-\x7e]+")  # (what an Authorization header carries)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -732,8 +734,8 @@ def _check_admin_tokens(admin: AdminConfig) -> None:
                 f"{where}.token: must be {MIN_ADMIN_TOKEN_CHARS}..{MAX_ADMIN_TOKEN_CHARS} "
                 "characters (generate one: throttled keys generate)"
             )
-        if entry.token and not entry.token.reveal().isascii():
-            raise ConfigError(f"{where}.token: must be ASCII text")
+        if entry.token and not _ADMIN_TOKEN.fullmatch(entry.token.reveal()):
+            raise ConfigError(f"{where}.token: must be printable ASCII without spaces")
         if entry.token_sha256 and not _SHA256_HEX.fullmatch(entry.token_sha256.lower()):
             raise ConfigError(f"{where}.token_sha256: must be 64 hex characters (sha256sum)")
 

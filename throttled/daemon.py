@@ -482,6 +482,7 @@ async def maintain_once(runtime: Runtime, *, full: bool = True) -> None:
     if deleted:
         log.info("retention_deleted", rows=deleted)
     await repo.prune_sends(now - timedelta(seconds=longest))
+    await repo.delete_expired_oauth_states(now)  # (installs started and never finished)
     await check_deadlines(runtime)
 
 

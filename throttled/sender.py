@@ -198,6 +198,9 @@ class Budget:
         self._log.append(at)
 
 
+AUTH_RETRIES = 3  # different access tokens refused (401) in a row before a 401 counts
+
+
 class PortalSender:
     """One portal: due rows in, completion requests out, within the portal's budget."""
 
@@ -211,6 +214,8 @@ class PortalSender:
             dispatcher.config.portal_requests, dispatcher.config.portal_interval_seconds
         )
         self._paused_until = 0.0
+        self._refused_token: str | None = None  # the last token HubSpot answered 401 to
+        self._refused_tokens = 0  # different tokens refused in a row
         self._wake = asyncio.Event()
         self._in_flight = asyncio.Semaphore(dispatcher.config.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -435,7 +440,7 @@ class PortalSender:
             daily_remaining=result.daily_remaining,
         )
         metrics.REQUESTS.inc(status=str(result.status))
-        return self._judge(rows, sent[0], result)
+        return self._judge(rows, sent[0], result, token)
 
     def _redate(
         self,
@@ -460,12 +465,17 @@ class PortalSender:
         return max(old, new)
 
     def _judge(
-        self, rows: list[tuple[QueueState, ClaimedAction]], at: float, result: CompletionResult
+        self,
+        rows: list[tuple[QueueState, ClaimedAction]],
+        at: float,
+        result: CompletionResult,
+        token: str,
     ) -> _Outcome:
         d = self._d
         now = d.clock()
         if result.ok:
             metrics.COMPLETED.inc(len(rows))
+            self._refused_tokens = 0
             return _Outcome(done=[(r, at) for _, r in rows])
         if result.status == 429:
             wait = next(
@@ -485,7 +495,18 @@ class PortalSender:
                 rows, at, now + wait, f"429 {result.message}", counted=False, sent=True
             )
         if result.status == 401:
+            # The token, not the actions: retried uncounted with a new one (whose refresh
+            # may find the portal disconnected, and then they wait). Only when HubSpot has
+            # refused AUTH_RETRIES different tokens in a row does a 401 count as a failure.
             d.tokens.invalidate(self.portal_id)
+            if token != self._refused_token:
+                self._refused_token = token
+                self._refused_tokens += 1
+            if self._refused_tokens <= AUTH_RETRIES:
+                wait = d.backoff(self._refused_tokens)
+                return _retry_all(
+                    rows, at, now + wait, f"401 {result.message}", counted=False, sent=True
+                )
         if result.status == 400 and len(rows) > 1:
             return _bisect(rows, at, result.message, d.new_group)
         if result.status == 400:

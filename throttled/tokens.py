@@ -42,7 +42,7 @@ class PortalNotConnected(Exception):
 @dataclass(slots=True)
 class _Cached:
     token: str
-    expires_at: float
+    refresh_at: float  # refresh from then on (the margin before expiry, or half its life)
     read_at: float  # when the stored row last agreed (see RECHECK_S)
 
 
@@ -144,7 +144,7 @@ class Tokens:
             scopes=scopes,
             hub_domain=hub_domain,
         )
-        self._cache[portal_id] = _Cached(grant.access_token, expires, self._clock())
+        self._cache[portal_id] = self._cached(grant)
         await self._connected(portal_id)
 
     async def _connected(self, portal_id: int) -> None:
@@ -203,11 +203,19 @@ class Tokens:
                 return token
             return await self._load_or_refresh(portal_id)
 
+    def _cached(self, grant: Grant) -> _Cached:
+        """A new token in the cache: refreshed the margin before it expires, or half-way
+        through its life if HubSpot grants less than twice the margin (else every send would
+        refresh it)."""
+        now = self._clock()
+        use_for = max(grant.expires_in - self._margin_s, grant.expires_in / 2)
+        return _Cached(grant.access_token, now + use_for, now)
+
     def _fresh(self, portal_id: int) -> str | None:
         """The cached token, while it is good for longer than the margin and recently read."""
         cached = self._cache.get(portal_id)
         now = self._clock()
-        if cached is None or cached.expires_at - self._margin_s <= now:
+        if cached is None or cached.refresh_at <= now:
             return None
         if not 0 <= now - cached.read_at < RECHECK_S:
             return None
@@ -255,7 +263,7 @@ class Tokens:
         if self._stale.get(row.portal_id) == token:
             return None
         self._stale.pop(row.portal_id, None)
-        self._cache[row.portal_id] = _Cached(token, expires, self._clock())
+        self._cache[row.portal_id] = _Cached(token, expires - self._margin_s, self._clock())
         return token
 
     async def _refresh_locked(self, portal_id: int) -> str:
@@ -289,7 +297,7 @@ class Tokens:
         if failure is None:  # (committed: the lock is released)
             self.refreshes += 1
             self._stale.pop(portal_id, None)
-            self._cache[portal_id] = _Cached(grant.access_token, expires, self._clock())
+            self._cache[portal_id] = self._cached(grant)
             self.health.refreshed(portal_id, ok=True, latency_s=latency)
             log.info("token_refreshed", portal_id=portal_id, expires_in=grant.expires_in)
             return grant.access_token

@@ -201,12 +201,16 @@ DELETE FROM actions WHERE id IN (
 
 # -- portals and tokens ---------------------------------------------------------------------
 
+# (what a row edited by hand may hold is cut to size here: text, and at most 200 scopes)
 _PORTAL_COLUMNS = f"""
-portal_id, refresh_token, access_token,
+portal_id, left(refresh_token, 8192) AS refresh_token, left(access_token, 8192) AS access_token,
 {_readable("access_expires_at", nullable=True)} AS access_expires_at,
-status, disconnected_reason, {_readable("disconnected_at", nullable=True)} AS disconnected_at,
-scopes, hub_domain, {_readable("last_refresh_at", nullable=True)} AS last_refresh_at,
-last_refresh_error, {_readable("connected_at")} AS connected_at,
+status, left(disconnected_reason, 300) AS disconnected_reason,
+{_readable("disconnected_at", nullable=True)} AS disconnected_at,
+(SELECT array_agg(left(s, 100)) FROM unnest(scopes[1:200]) AS s WHERE s IS NOT NULL) AS scopes,
+left(hub_domain, 255) AS hub_domain,
+{_readable("last_refresh_at", nullable=True)} AS last_refresh_at,
+left(last_refresh_error, 300) AS last_refresh_error, {_readable("connected_at")} AS connected_at,
 {_readable("updated_at")} AS updated_at
 """
 
@@ -309,12 +313,16 @@ WHERE portal_id = $1
 
 # -- OAuth install flow ----------------------------------------------------------------------
 
-# A state for an install under way; refused (no row) when too many are live at once.
+# States are added one at a time (a transaction-scoped lock), so the caps below hold exactly.
+LOCK_OAUTH_STATES = "SELECT pg_advisory_xact_lock(7468300001)"
+
+LIVE_OAUTH_STATES = """
+SELECT count(*) AS live, count(*) FILTER (WHERE client = $1) AS mine
+FROM oauth_states WHERE expires_at > $2
+"""
+
 INSERT_OAUTH_STATE = """
-INSERT INTO oauth_states (state_sha256, redirect_uri, expires_at)
-SELECT $1, $2, $3
-WHERE (SELECT count(*) FROM oauth_states WHERE expires_at > $4) < $5
-RETURNING 1
+INSERT INTO oauth_states (state_sha256, redirect_uri, client, expires_at) VALUES ($1, $2, $3, $4)
 """
 
 # Single use: taking a state deletes it, whether it is still live or not.

@@ -133,7 +133,8 @@ class PortalRow:
     def from_row(cls, row: asyncpg.Record) -> PortalRow:
         """Build from a portals row."""
         values = dict(row)
-        values["scopes"] = tuple(values.get("scopes") or ())
+        scopes = values.get("scopes") or ()
+        values["scopes"] = tuple(s for s in scopes if isinstance(s, str))
         return cls(**values)
 
     @property
@@ -538,11 +539,28 @@ class Repository:
     # -- OAuth install flow -----------------------------------------------------------------
 
     async def add_oauth_state(
-        self, digest: bytes, redirect_uri: str, expires_at: datetime, now: datetime, limit: int
-    ) -> bool:
-        """Store an install's state (its hash); False when `limit` states are live already."""
-        rows = await self._fetch(q.INSERT_OAUTH_STATE, digest, redirect_uri, expires_at, now, limit)
-        return bool(rows)
+        self,
+        digest: bytes,
+        redirect_uri: str,
+        *,
+        client: bytes,
+        expires_at: datetime,
+        now: datetime,
+        limits: tuple[int, int],
+    ) -> str | None:
+        """Store an install's state (its hash). Refused, with the reason ('client' or 'all'),
+        when `limits` (per client, in all) states are live already."""
+        per_client, in_all = limits
+        with translate_errors():
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(q.LOCK_OAUTH_STATES)
+                (counts,) = await conn.fetch(q.LIVE_OAUTH_STATES, client, now)
+                if counts["mine"] >= per_client:
+                    return "client"
+                if counts["live"] >= in_all:
+                    return "all"
+                await conn.execute(q.INSERT_OAUTH_STATE, digest, redirect_uri, client, expires_at)
+        return None
 
     async def take_oauth_state(self, digest: bytes) -> tuple[str, datetime] | None:
         """Remove a state and return its (redirect_uri, expires_at); None if unknown."""

@@ -204,6 +204,8 @@ class FakeHubSpot:
         self.token_delay_s = 0.0
         self.rotate_refresh_tokens = False
         self.introspect_minimal = False
+        # False: token responses leave out hub_id (and v3's scopes), as before 2025-08-18
+        self.token_names_portal = True
         self.daily_limit: int | None = DAILY_LIMIT
         self.base_url: str | None = None
         self._client_id = client_id
@@ -593,7 +595,7 @@ class FakeHubSpot:
             "access_token": self.issue_token(grant.portal_id, grant.scopes),
             "refresh_token": refresh_token,
             "expires_in": self._token_ttl_s,
-            "hub_id": grant.portal_id,
+            **({"hub_id": grant.portal_id} if self.token_names_portal else {}),
         }
 
     # -- OAuth: token metadata and revocation -------------------------------------------

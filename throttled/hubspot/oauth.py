@@ -23,6 +23,7 @@ from throttled.hubspot.client import _UNREACHABLE, MAX_TOKEN_LIFETIME_S, TokenEr
 
 MAX_TOKEN_CHARS = 4096
 MAX_SCOPES = 200
+MAX_ANSWER_BYTES = 1 << 20  # an OAuth answer is a few hundred bytes
 _TOKEN = re.compile(rf"[\x21-\x7e]{{1,{MAX_TOKEN_CHARS}}}")
 _SCOPE = re.compile(r"[\x21-\x7e]{1,100}")
 MAX_PORTAL_ID = 2**63 - 1
@@ -157,15 +158,26 @@ class OAuth:
             async with self._session.request(
                 method, url, data=form, timeout=self._timeout, allow_redirects=False
             ) as resp:
-                text = await resp.content.read(1 << 20)  # (an answer is small; bound it)
-                return resp.status, _json(text)
+                return resp.status, _json(await _read_bounded(resp, MAX_ANSWER_BYTES))
         except _UNREACHABLE as exc:
             raise TokenError(
                 f"{what}: HubSpot unreachable ({type(exc).__name__})", permanent=False
             ) from None
 
 
-def _json(data: bytes) -> Any:
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, however it arrives; None (unreadable) beyond `limit` bytes."""
+    if resp.content_length is not None and resp.content_length > limit:
+        return None
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(65536):
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def _json(data: bytes | None) -> Any:
     try:
         return json.loads(data) if data else None
     except (ValueError, RecursionError):

@@ -289,11 +289,10 @@ def make_app(services: Services) -> web.Application:
     ]
     known: list[web.AbstractResource] = []
     for method, path, handler in routes:
-        route = (
-            app.router.add_get(path, handler)  # (and HEAD)
-            if method == "GET"
-            else app.router.add_route(method, path, handler)
-        )
+        if method == "GET":  # and HEAD, except where it would store or spend a state
+            route = app.router.add_get(path, handler, allow_head=not path.startswith("/api/oauth/"))
+        else:
+            route = app.router.add_route(method, path, handler)
         if route.resource is not None and route.resource not in known:
             known.append(route.resource)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import html
+import ipaddress
 import secrets
 from datetime import UTC, datetime
 from urllib.parse import quote, urlencode
@@ -29,7 +30,9 @@ from throttled.web.services import SERVICES, Services
 log = structlog.get_logger(__name__)
 
 STATE_TTL_S = 600.0
-MAX_LIVE_STATES = 10_000  # installs under way at once; beyond, authorize answers 503
+# Installs under way at once: per client (a person needs one or two), and in all.
+MAX_CLIENT_STATES = 20
+MAX_LIVE_STATES = 100_000
 MAX_STATE_CHARS = 256
 MAX_CODE_CHARS = 2048
 REQUIRED_SCOPE = "automation"
@@ -60,6 +63,29 @@ def page(status: int, title: str, *paragraphs: str, retry_after: int | None = No
     return web.Response(
         status=status, text=text, content_type="text/html", charset="utf-8", headers=headers
     )
+
+
+def client_key(request: web.Request, *, trust_forwarded_for: bool) -> bytes:
+    """Who asked, for the per-client cap: a hash of the client's address, an IPv6 address by
+    its /64 (one subscriber's usual allocation). Behind a trusted proxy, the last entry of
+    X-Forwarded-For (the address the proxy saw)."""
+    address = request.remote or ""
+    if trust_forwarded_for:
+        forwarded = request.headers.getall("X-Forwarded-For", [])
+        last = ",".join(forwarded).rsplit(",", 1)[-1].strip()
+        address = last or address
+    try:
+        parsed = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        text = address[:100]
+    else:
+        if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+            parsed = parsed.ipv4_mapped
+        if isinstance(parsed, ipaddress.IPv6Address):
+            text = str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+        else:
+            text = str(parsed)
+    return hashlib.sha256(text.encode()).digest()[:16]
 
 
 def _digest(state: str) -> bytes:
@@ -100,22 +126,31 @@ async def authorize(request: web.Request) -> web.Response:
     state = secrets.token_urlsafe(32)
     now = services.clock()
     try:
-        stored = await services.repo.add_oauth_state(
+        refused = await services.repo.add_oauth_state(
             _digest(state),
             redirect_uri,
-            datetime.fromtimestamp(now + STATE_TTL_S, UTC),
-            datetime.fromtimestamp(now, UTC),
-            MAX_LIVE_STATES,
+            client=client_key(
+                request, trust_forwarded_for=services.config.server.trust_forwarded_for
+            ),
+            expires_at=datetime.fromtimestamp(now + STATE_TTL_S, UTC),
+            now=datetime.fromtimestamp(now, UTC),
+            limits=(MAX_CLIENT_STATES, MAX_LIVE_STATES),
         )
     except DatabaseError:
         return _storage_down(services)
-    if not stored:
+    if refused == "client":
+        log.warning("oauth_states_client_limit", limit=MAX_CLIENT_STATES)
+        return page(
+            429,
+            "Too many installs started",
+            f"This address has {MAX_CLIENT_STATES} installs under way; finish one, or try "
+            "again in 10 minutes.",
+            retry_after=int(STATE_TTL_S),
+        )
+    if refused is not None:
         log.warning("oauth_states_full", limit=MAX_LIVE_STATES)
         return page(
-            503,
-            "Too many installs under way",
-            "Try again in a few minutes.",
-            retry_after=60,
+            503, "Too many installs under way", "Try again in a few minutes.", retry_after=60
         )
     params = {"client_id": client_id, "redirect_uri": redirect_uri, "scope": hs.scopes.strip()}
     if hs.optional_scopes.strip():
@@ -202,6 +237,12 @@ async def callback(request: web.Request) -> web.Response:
 _AGAIN = "Nothing was stored. Start again from /api/oauth/authorize."
 
 
+async def _give_back(services: Services, refresh_token: str) -> None:
+    """Revoke tokens throttled will not keep (best effort: they were never stored)."""
+    with contextlib.suppress(TokenError):
+        await services.tokens.oauth.revoke(refresh_token)
+
+
 async def _connect(services: Services, code: str, redirect_uri: str) -> web.Response:
     oauth = services.tokens.oauth
     try:
@@ -221,12 +262,18 @@ async def _connect(services: Services, code: str, redirect_uri: str) -> web.Resp
         log.warning("oauth_exchange_failed", error=str(exc))
         return page(502, "HubSpot could not be reached", "Try the install again shortly.")
     if hub_id is None:
-        return page(502, "HubSpot did not say which portal", "Nothing was stored; try again.")
+        log.warning("oauth_portal_unknown")
+        await _give_back(services, grant.refresh_token)
+        return page(
+            502,
+            "HubSpot did not say which portal this is",
+            "Neither the token nor its token-info named the portal. Nothing was stored; "
+            "try the install again.",
+        )
     granted = tuple(scopes or ())
     if REQUIRED_SCOPE not in granted:
         log.warning("oauth_scope_missing", portal_id=hub_id, scopes=list(granted)[:50])
-        with contextlib.suppress(TokenError):  # the tokens are useless to us: give them back
-            await oauth.revoke(grant.refresh_token)
+        await _give_back(services, grant.refresh_token)
         return page(
             403,
             "The automation scope was not granted",
