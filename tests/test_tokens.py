@@ -8,8 +8,8 @@ import sys
 
 import psycopg
 
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, action_payload, make_config, running, wait_for
-from throttled.hubspot.fake import FakeHubSpot
+from tests.conftest import action_payload, wait_for
+from throttled.tokens import token_aad
 
 
 async def test_concurrent_callers_share_one_refresh(daemon_factory, fake_hubspot):
@@ -39,20 +39,24 @@ async def test_tokens_are_encrypted_at_rest(daemon_factory, fake_hubspot, db_url
     assert "refresh-62515" not in refresh
 
 
-async def test_token_expiring_within_the_margin_is_refreshed_first(db_url):
-    # This fake issues 10-minute tokens; a 15-minute margin makes every token "about to expire".
-    async with FakeHubSpot(
-        client_id=CLIENT_ID, client_secret=CLIENT_SECRET, token_ttl_s=600
-    ) as fake:
-        cfg = make_config(db_url, fake.base_url, hubspot={"token_refresh_margin_s": 900.0})
-        async with running(cfg) as daemon:
-            await daemon.connect_portal(fake, 62515)
-            tokens = daemon.runtime.dispatcher.tokens
-            first = await tokens.access_token(62515)
-            second = await tokens.access_token(62515)
-            assert first != second
-            grants = [r for r in fake.token_requests if r["grant_type"] == "refresh_token"]
-            assert len(grants) == 2
+async def test_a_stored_token_expiring_within_the_margin_is_refreshed_first(
+    daemon_factory, fake_hubspot, db_url
+):
+    async with daemon_factory() as daemon:
+        await daemon.connect_portal(fake_hubspot, 62515)
+        tokens = daemon.runtime.dispatcher.tokens
+        stored = fake_hubspot.issue_token(62515)
+        sealed = tokens.keyring.encrypt(stored, aad=token_aad(62515, "access"))
+        with psycopg.connect(db_url) as conn:  # good for 200 s more: inside the 300 s margin
+            conn.execute(
+                "UPDATE portals SET access_token = %s,"
+                " access_expires_at = now() + interval '200 seconds'",
+                (sealed,),
+            )
+        token = await tokens.access_token(62515)
+        assert token != stored
+        grants = [r for r in fake_hubspot.token_requests if r["grant_type"] == "refresh_token"]
+        assert len(grants) == 1
 
 
 def test_log_lines_never_carry_secrets():

@@ -139,19 +139,25 @@ class ResultWriter:
         except DatabaseError:
             self._pending[:0] = outcomes
             raise
-        for outcome in outcomes:
-            for queue, retry in outcome.retry:
-                at = retry.not_before.timestamp() if retry.not_before else 0.0
-                self._hooks().retry_at(queue, at)
 
     async def _write(self, outcomes: Sequence[_Outcome]) -> None:
+        """Three statements; each part written is removed from the outcomes at once, so that
+        after a failure the next try writes only the rest (a retry written twice would put
+        back to pending a row claimed again in between: sent twice)."""
         done = [(r.id, _utc(at)) for o in outcomes for r, at in o.done]
         if done:
             await self._repo.mark_done([d[0] for d in done], [d[1] for d in done])
-        retries = [rt for o in outcomes for _, rt in o.retry]
+            for o in outcomes:
+                o.done = []
+        retried = [(queue, rt) for o in outcomes for queue, rt in o.retry]
         sends = [(q, _utc(at), n) for o in outcomes for q, at, n in o.sends]
-        if retries or sends:
-            await self._repo.mark_retry(retries, sends)
+        if retried or sends:
+            await self._repo.mark_retry([rt for _, rt in retried], sends)
+            for o in outcomes:
+                o.retry, o.sends = [], []
+            for queue, retry in retried:
+                at = retry.not_before.timestamp() if retry.not_before else 0.0
+                self._hooks().retry_at(queue, at)
         failed = [
             (r.id, why, _utc(at) if at else None) for o in outcomes for r, why, at in o.failed
         ]
@@ -159,6 +165,8 @@ class ResultWriter:
             await self._repo.mark_failed(
                 [f[0] for f in failed], [f[1] for f in failed], [f[2] for f in failed]
             )
+            for o in outcomes:
+                o.failed = []
 
 
 class Budget:

@@ -152,9 +152,10 @@ async def authorize(request: web.Request) -> web.Response:
         return page(
             503, "Too many installs under way", "Try again in a few minutes.", retry_after=60
         )
-    params = {"client_id": client_id, "redirect_uri": redirect_uri, "scope": hs.scopes.strip()}
-    if hs.optional_scopes.strip():
-        params["optional_scope"] = hs.optional_scopes.strip()
+    scopes = " ".join(hs.scopes.split())
+    params = {"client_id": client_id, "redirect_uri": redirect_uri, "scope": scopes}
+    if hs.optional_scopes.split():
+        params["optional_scope"] = " ".join(hs.optional_scopes.split())
     params["state"] = state
     location = (
         services.auth_base_url.rstrip("/")
@@ -162,7 +163,7 @@ async def authorize(request: web.Request) -> web.Response:
         + "?"
         + urlencode(params, quote_via=quote)  # (spaces as %20, as HubSpot's examples)
     )
-    log.info("oauth_authorize", scopes=hs.scopes.strip())
+    log.info("oauth_authorize", scopes=scopes)
     response = page(302, "Connecting to HubSpot", "Redirecting to HubSpot…")
     response.headers["Location"] = location
     return response

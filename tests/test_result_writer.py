@@ -1,0 +1,65 @@
+"""The result writer after a statement fails part-way: what was written is not written again."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import psycopg
+import pytest
+
+from throttled.db.repository import DatabaseError, Repository, Retry
+from throttled.sender import Hooks, ResultWriter, _Outcome
+
+FAIL_FAILED_WRITES = """
+CREATE TABLE fail_flag ();
+CREATE FUNCTION refuse_failed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.state = 'failed' AND EXISTS (SELECT 1 FROM fail_flag) THEN
+    RAISE EXCEPTION 'injected: the failed write fails';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_failed BEFORE UPDATE ON actions FOR EACH ROW EXECUTE FUNCTION refuse_failed();
+INSERT INTO fail_flag DEFAULT VALUES;
+"""
+
+
+async def test_a_retry_written_before_a_failure_is_not_written_again(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO queues (id, key, portal_id, policy) VALUES (1, 'q', 1, '{}'::jsonb)"
+        )
+        conn.execute(
+            "INSERT INTO actions (callback_id, queue_id, portal_id, deadline)"
+            " SELECT 'cb-' || g, 1, 1, now() + interval '1 day' FROM generate_series(1, 3) g"
+        )
+        conn.execute(FAIL_FAILED_WRITES)
+    async with Repository.open(db_url, min_size=1, max_size=2) as repo:
+        done, retried, failed = sorted(await repo.claim([1], [3]), key=lambda r: r.callback_id)
+        queue: Any = SimpleNamespace(id=1)
+        outcome = _Outcome(
+            done=[(done, time.time())],
+            retry=[
+                (
+                    queue,
+                    Retry(
+                        id=retried.id, not_before=None, error="503", counted=True, split_group=None
+                    ),
+                )
+            ],
+            failed=[(failed, "400 rejected", None)],
+        )
+        writer = ResultWriter(repo, Hooks)
+        writer.add(outcome)
+        with pytest.raises(DatabaseError):
+            await writer.flush()  # done and retry written, then the failed write fails
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            # meanwhile the retried row is claimed again, for another send
+            conn.execute("UPDATE actions SET state = 'claimed' WHERE id = %s", (retried.id,))
+            conn.execute("DELETE FROM fail_flag")
+        await writer.flush()
+    with psycopg.connect(db_url) as conn:
+        states = dict(conn.execute("SELECT callback_id, state FROM actions").fetchall())
+    assert states == {"cb-1": "done", "cb-2": "claimed", "cb-3": "failed"}
