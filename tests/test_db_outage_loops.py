@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -216,7 +217,7 @@ async def test_rows_handed_to_expire_during_an_outage_are_marked_expired_after_i
             action_payload(portal_id=PORTAL, input_fields={"queueName": "expire"}) for _ in range(3)
         ]
         queue = await store_directly(daemon, repo, payloads)
-        rows: list[ClaimedAction] = await repo.claim([queue.id], [len(payloads)])
+        rows: list[ClaimedAction] = await repo.claim([queue.id], [len(payloads)], datetime.now(UTC))
         assert len(rows) == len(payloads)
         with structlog.testing.capture_logs() as events:
             proxy.cut()
@@ -253,3 +254,44 @@ async def test_a_queue_notified_during_an_outage_is_claimed_after_it(
             ids = ids_of(payloads)
             await until(daemon, lambda: set(ids) <= fake_hubspot.completed.keys(), RESUME_WAIT_S)
         assert not daemon.task.done()
+
+
+SLOW_CLAIM = """
+CREATE TABLE slow_claim ();
+CREATE FUNCTION slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF EXISTS (SELECT 1 FROM slow_claim) THEN
+    DELETE FROM slow_claim;
+    PERFORM pg_sleep(2);
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER slow_claim AFTER UPDATE ON actions
+  FOR EACH STATEMENT EXECUTE FUNCTION slow_claim();
+"""
+
+
+async def test_rows_of_a_claim_whose_answer_was_lost_are_released_and_sent(
+    behind_proxy, proxy, fake_hubspot, db
+):
+    # The claim statement commits, but the connection breaks before its answer arrives: the
+    # rows are claimed in the database and held by nobody.
+    async with behind_proxy() as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        db.execute(SLOW_CLAIM)
+        db.execute("INSERT INTO slow_claim DEFAULT VALUES")
+        payload = action_payload(portal_id=PORTAL)
+        assert (await daemon.post_action(payload))[0] == 200
+
+        def sleeping() -> bool:
+            (n,) = db.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+            ).fetchone()
+            return n > 0
+
+        await until(daemon, sleeping)
+        proxy.cut()  # while the claim sleeps in its trigger: its answer will be lost
+        await until(daemon, lambda: not sleeping())
+        assert states(db, [payload["callbackId"]]) == {payload["callbackId"]: "claimed"}
+        proxy.restore()
+        await until(daemon, lambda: payload["callbackId"] in fake_hubspot.completed, RESUME_WAIT_S)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,7 +38,9 @@ async def test_a_retry_written_before_a_failure_is_not_written_again(db_url: str
         )
         conn.execute(FAIL_FAILED_WRITES)
     async with Repository.open(db_url, min_size=1, max_size=2) as repo:
-        done, retried, failed = sorted(await repo.claim([1], [3]), key=lambda r: r.callback_id)
+        done, retried, failed = sorted(
+            await repo.claim([1], [3], datetime.now(UTC)), key=lambda r: r.callback_id
+        )
         queue: Any = SimpleNamespace(id=1)
         outcome = _Outcome(
             done=[(done, time.time())],

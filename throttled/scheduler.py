@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -55,6 +56,8 @@ class Scheduler(Hooks):
         self._fresh: dict[int, QueueState] = {}  # queues that just went from idle to active
         self._claim_tasks: set[asyncio.Task[None]] = set()
         self._claim_error: Exception | None = None  # re-raised by the loop
+        self._unanswered: list[datetime] = []  # stamps of claims that raised (see _claim)
+        self._last_stamp_us = 0
         self._outage = Outage("scheduler", "scheduler_db_error")
         self.queues: dict[int, QueueState] = {}
         self._heap: list[tuple[float, int, int]] = []
@@ -319,11 +322,36 @@ class Scheduler(Hooks):
             self._busy[lane] = False
             self._wake.set()
 
+    def _stamp(self) -> datetime:
+        """A claim's unique claimed_at (microseconds, increasing in this process)."""
+        now_us = int(time.time() * 1_000_000)
+        self._last_stamp_us = max(now_us, self._last_stamp_us + 1)
+        return datetime.fromtimestamp(self._last_stamp_us / 1_000_000, UTC)
+
+    async def _release_unanswered(self) -> None:
+        """Rows claimed by a statement whose answer was lost go back to pending (else they
+        would stay claimed, unsent, until a restart or their deadline)."""
+        stamps = list(self._unanswered)
+        queue_ids = await self._repo.release_unanswered(stamps)
+        del self._unanswered[: len(stamps)]
+        if queue_ids:
+            log.warning("unanswered_claims_released", rows=len(queue_ids), claims=len(stamps))
+            self.notify(set(queue_ids))
+
     async def _claim(self, due: list[tuple[QueueState, float, int]], *, urgent: bool) -> None:
+        if self._unanswered:
+            await self._release_unanswered()
         for start in range(0, len(due), CLAIM_CHUNK):
             chunk = due[start : start + CLAIM_CHUNK]
             generations = {q.id: q.generation for q, _, _ in chunk}
-            rows = await self._repo.claim([q.id for q, _, _ in chunk], [n for _, _, n in chunk])
+            stamp = self._stamp()
+            try:
+                rows = await self._repo.claim(
+                    [q.id for q, _, _ in chunk], [n for _, _, n in chunk], stamp
+                )
+            except DatabaseError:
+                self._unanswered.append(stamp)  # it may have committed: look for it later
+                raise
             self.claims += 1
             by_queue: dict[int, list[ClaimedAction]] = defaultdict(list)
             for row in rows:

@@ -75,7 +75,7 @@ WITH req AS (
         FOR UPDATE SKIP LOCKED
     ) p
 )
-UPDATE actions a SET state = 'claimed', claimed_at = now()
+UPDATE actions a SET state = 'claimed', claimed_at = $3
 FROM picked WHERE a.id = picked.id
 RETURNING a.id, a.callback_id, a.queue_id, a.portal_id, a.priority,
           {_readable("a.deadline")} AS deadline, {_count("a.attempts")} AS attempts,
@@ -151,6 +151,14 @@ SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::int[])
 # -- recovery and maintenance ---------------------------------------------------------------
 
 # Rows claimed by a process that died: their send may or may not have happened.
+# Rows of claims whose answer never came (the connection broke after the commit): their
+# claimed_at is the claim's own stamp, so they are found, and go back to pending.
+RELEASE_UNANSWERED = """
+UPDATE actions SET state = 'pending'
+WHERE state = 'claimed' AND claimed_at = ANY($1::timestamptz[])
+RETURNING queue_id
+"""
+
 RECOVER_CLAIMED = """
 WITH r AS (
     UPDATE actions SET state = 'pending' WHERE state = 'claimed' RETURNING queue_id

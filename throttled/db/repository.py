@@ -329,10 +329,18 @@ class Repository:
 
     # -- scheduling -------------------------------------------------------------------------
 
-    async def claim(self, queue_ids: Sequence[int], limits: Sequence[int]) -> list[ClaimedAction]:
-        """Reserve up to limits[i] due rows of queue_ids[i], all queues in one statement."""
-        rows = await self._fetch(q.CLAIM, queue_ids, limits)
+    async def claim(
+        self, queue_ids: Sequence[int], limits: Sequence[int], stamp: datetime
+    ) -> list[ClaimedAction]:
+        """Reserve up to limits[i] due rows of queue_ids[i], all queues in one statement.
+        `stamp` (unique per claim) is stored as their claimed_at: see release_unanswered."""
+        rows = await self._fetch(q.CLAIM, queue_ids, limits, stamp)
         return [ClaimedAction.from_row(r) for r in rows]
+
+    async def release_unanswered(self, stamps: Sequence[datetime]) -> list[int]:
+        """Put back to pending the rows of claims that raised (they may have committed, the
+        answer lost with the connection); returns their queue ids, one per row."""
+        return [r["queue_id"] for r in await self._fetch(q.RELEASE_UNANSWERED, list(stamps))]
 
     async def next_not_before(self, queue_ids: Sequence[int]) -> dict[int, datetime]:
         """For queues with held-back rows: when the first becomes claimable."""
