@@ -302,7 +302,8 @@ def test_migration_errors_never_show_the_password():
         (["portals", "test", "x"], "argument ID: must be an integer 1..9223372036854775807"),
         (["portals", "disconnect", "0"], "argument ID: must be an integer"),
         (["keys", "rotate", "--batch-size", "0"], "--batch-size: must be an integer 1..10000"),
-        (["keys", "generate", "--config", "x"], "unrecognized arguments: --config x"),
+        (["keys", "generate", "--config", "x"], "2 unrecognized argument(s) (not shown)"),
+        (["portals", "connect", "--portal-id", "5", "a-token-typed-here"], "(not shown)"),
     ],
 )
 def test_portals_and_keys_usage_errors_are_one_line(in_process, capsys, argv, expected):
@@ -316,3 +317,35 @@ def test_keys_generate_needs_no_config(in_process, capsys, tmp_path, monkeypatch
     assert len(base64.b64decode(out.strip(), validate=True)) == 32
     assert out.count("\n") == 1
     assert "throttled keys rotate" in err
+
+
+TOKEN_LIKE = "5f1c7d2e-8a9b-4c3d-9e0f-1a2b3c4d5e6f"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["portals", "connect", "--portal-id", "5", TOKEN_LIKE],
+        ["portals", "connect", "--portal-id", TOKEN_LIKE],
+        ["portals", "show", TOKEN_LIKE],
+    ],
+)
+def test_a_token_typed_in_the_wrong_place_is_not_echoed(in_process, capsys, argv):
+    line = _one_line(capsys, argv)
+    assert TOKEN_LIKE not in line
+
+
+@pytest.mark.parametrize("portal_id", ["١٢٣", "1_000", "+5", " 5 ", "5.0", "0x10"])
+def test_a_portal_id_is_plain_ascii_digits(in_process, capsys, portal_id):
+    assert "must be an integer" in _one_line(capsys, ["portals", "show", portal_id])
+
+
+@pytest.mark.parametrize("token", ["has space token", "é" * 40, "tab\there", "x" * 4097])
+def test_connect_refuses_a_token_no_refresh_could_send(in_process, capsys, tmp_path, token):
+    config = _config_file(tmp_path, UNREACHABLE)
+    line = _one_line(
+        capsys,
+        ["portals", "connect", "--portal-id", "5", "--refresh-token", token, "--config", config],
+    )
+    assert "printable ASCII characters without spaces" in line
+    assert token not in line

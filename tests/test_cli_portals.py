@@ -450,3 +450,43 @@ async def test_keys_rotate_refuses_a_bad_key_in_one_line(cli):
     cli.key = "not-a-key"
     line = _one_error_line(await cli("keys", "rotate"))
     assert "security.encryption_key" in line
+
+
+async def test_stored_text_a_terminal_cannot_encode_is_escaped_not_a_crash(
+    cli, db_url, monkeypatch
+):
+    await cli.connect(204)
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "UPDATE portals SET hub_domain = %s, disconnected_reason = %s",
+            ("caf\u00e9\u2603.example\u009b31m\u202e", "r\u00e9" * 200),
+        )
+    monkeypatch.setenv("PYTHONIOENCODING", "ascii")
+    for args in (
+        ("portals", "show", "204"),
+        ("portals", "list"),
+        ("portals", "show", "204", "--json"),
+    ):
+        run = await cli(*args)
+        assert run.returncode == 0, run.stderr
+        assert "\u009b" not in run.stdout
+        assert "\u202e" not in run.stdout
+        assert "Traceback" not in run.stderr
+    document = json.loads((await cli("portals", "show", "204", "--json")).stdout)
+    assert document["hub_domain"].startswith("caf\u00e9")
+
+
+async def test_keys_rotate_reaches_every_row_whatever_its_portal_id(cli):
+    key_a = cli.key
+    ring_a = KeyRing.from_texts(key_a)
+    with psycopg.connect(cli.db_url) as conn:  # rows edited by hand: ids 0 and below
+        for pid in (0, -7, -(2**63)):
+            conn.execute(
+                "INSERT INTO portals (portal_id, refresh_token) VALUES (%s, %s)",
+                (pid, ring_a.encrypt(f"rt{pid}", aad=token_aad(pid, "refresh"))),
+            )
+    cli.key, cli.previous = _key(), [key_a]
+    body = await cli.json("keys", "rotate", "--batch-size", "1")
+    assert (body["rotated"], body["unreadable"]) == (3, 0)
+    prefix = f"v1.{_key_id(cli.key)}."
+    assert all(refresh.startswith(prefix) for refresh, *_ in _stored(cli.db_url).values())

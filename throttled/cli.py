@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import json
+import os
+import re
 import shlex
 import signal
 import sys
@@ -19,12 +23,16 @@ from throttled.config import Config, ConfigError, brief
 
 MAX_PORTAL_ID = 2**63 - 1
 MAX_BODY_BYTES = 16 << 20
+_DIGITS = re.compile(r"[0-9]{1,30}")
 
 log = structlog.get_logger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script: any error is one line on stderr and exit 2."""
+    for stream in (sys.stdout, sys.stderr):  # stored text a terminal cannot show is escaped
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
@@ -33,6 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `throttled portals list | head -1`: the reader has gone
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # every command ends here: one line, never a traceback
         _report(args, exc)
         return 2
@@ -50,8 +62,11 @@ def _report(args: argparse.Namespace, exc: Exception) -> None:
     except Exception:  # a broken installation: the error types cannot even be imported
         message = None
     if message is None:
-        if getattr(args, "logging_ready", False):
+        if getattr(args, "logging_ready", False) and logs.json_lines:  # one JSON line
             log.error("command_failed", command=args.command, exc_info=leaf)
+        elif getattr(args, "logging_ready", False):  # on a terminal, the traceback at debug
+            log.error("command_failed", command=args.command, error=type(leaf).__name__)
+            log.debug("command_failed_traceback", exc_info=leaf)
         message = f"internal error: {type(leaf).__name__}: {leaf}"
     print(f"throttled: {' '.join(message.split())}", file=sys.stderr)
 
@@ -85,7 +100,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line on stderr (exit 2)."""
 
     def error(self, message: str) -> NoReturn:
-        """Print one line and exit 2."""
+        """Print one line and exit 2. Stray arguments are counted, not shown: one may be a
+        token typed in the wrong place."""
+        if message.startswith("unrecognized arguments:"):
+            count = len(message.split(":", 1)[1].split())
+            message = f"{count} unrecognized argument(s) (not shown)"
         self.exit(2, f"throttled: {message} (see: {self.prog} --help)\n")
 
 
@@ -93,12 +112,11 @@ def _int_in(lo: int, hi: int) -> Callable[[str], int]:
     """An argparse type: an integer lo..hi."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = lo - 1
+        value = int(text) if _DIGITS.fullmatch(text) else lo - 1  # (int() takes '١٢', '1_0')
         if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be an integer {lo}..{hi}, got {brief(text)}")
+            # (a long value is not echoed: it may be a token typed in the wrong place)
+            shown = brief(text) if len(text) <= 24 else f"{len(text)} characters"
+            raise argparse.ArgumentTypeError(f"must be an integer {lo}..{hi}, got {shown}")
         return value
 
     return parse

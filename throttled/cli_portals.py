@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from throttled import logs
 from throttled.cli import MAX_PORTAL_ID, _config, _Fatal, _int_in
+from throttled.hubspot.oauth import MAX_TOKEN_CHARS, valid_token
 
 if TYPE_CHECKING:
     from throttled.config import Config
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
     from throttled.db.repository import Backlog, PortalRow, Repository
     from throttled.tokens import Tokens
 
-MAX_TOKEN_CHARS = 4096
 DISCONNECT_REASON = "disconnected by an operator (CLI)"
 # The fields of a portal only a running daemon knows (its memory of recent calls).
 HEALTH_FIELDS = (
@@ -175,7 +175,7 @@ def _view(row: PortalRow, backlog: Backlog) -> dict[str, Any]:
 
 
 def _dump(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
+    print(json.dumps(value, indent=2))  # (ASCII: stored text cannot reach the terminal raw)
 
 
 # --- text for people -------------------------------------------------------------------------
@@ -455,14 +455,21 @@ _DISCONNECT_TEXT = {
 def _refresh_token(args: argparse.Namespace) -> str:
     """--refresh-token, or the first line of stdin; printable text of bounded length."""
     try:
-        given = args.refresh_token if args.refresh_token is not None else sys.stdin.readline()
+        given = (
+            args.refresh_token
+            if args.refresh_token is not None
+            else sys.stdin.readline(MAX_TOKEN_CHARS + 3)  # (a bounded first line)
+        )
     except UnicodeDecodeError:
         raise _Fatal("the refresh token on stdin is not UTF-8 text") from None
     token = given.strip()
     if not token:
         raise _Fatal("no refresh token given (--refresh-token or stdin)")
-    if len(token) > MAX_TOKEN_CHARS or not token.isprintable():
-        raise _Fatal(f"the refresh token must be printable text of at most {MAX_TOKEN_CHARS} chars")
+    if not valid_token(token):  # what HubSpot's tokens are, and what a refresh can send
+        raise _Fatal(
+            f"the refresh token must be 1..{MAX_TOKEN_CHARS} printable ASCII characters "
+            "without spaces"
+        )
     return token
 
 
@@ -552,7 +559,7 @@ def _keys_rotate(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with _database(cfg) as repo:
-            after = 0
+            after: int | None = None  # (from the first row, whatever its id)
             while True:
                 batch = _Rotation()
                 try:
@@ -566,7 +573,7 @@ def _keys_rotate(args: argparse.Namespace) -> int:
                     ) from None
                 total.add(batch)  # (committed)
                 seen = batch.rotated + batch.current + len(batch.unreadable)
-                if last == 0 or seen < args.batch_size:
+                if last is None or seen < args.batch_size:
                     return
                 after = last
 

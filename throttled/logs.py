@@ -123,9 +123,13 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
             )
 
 
+json_lines = False  # whether setup() chose JSON lines (a traceback then stays one line)
+
+
 def setup(level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog and stdlib logging; called again, it replaces its own handler."""
-    json_out = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    global json_lines
+    json_out = json_lines = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     numeric = logging.getLevelName(level.upper())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 import structlog
 
 from throttled.crypto import CryptoError, KeyRing
-from throttled.db.repository import DatabaseError, PortalRow, Repository
+from throttled.db.repository import PortalRow, Repository
 from throttled.health import Health
 from throttled.hubspot.client import TokenError
 from throttled.hubspot.oauth import Grant, OAuth, OAuthRefused, TokenInfo
@@ -315,10 +315,10 @@ class Tokens:
     async def test(self, portal_id: int) -> TestResult:
         """Token-info for a fresh token: does HubSpot know it, for which portal and scopes."""
         started = time.monotonic()
-        try:
+        try:  # (a DatabaseError is the caller's: storage, not the portal, failed)
             token = await self.access_token(portal_id)
             info: TokenInfo = await self.oauth.token_info(token)
-        except (PortalNotConnected, TokenError, CryptoError, DatabaseError) as exc:
+        except (PortalNotConnected, TokenError, CryptoError) as exc:
             latency = (time.monotonic() - started) * 1000
             return TestResult(ok=False, latency_ms=latency, error=str(exc)[:300])
         if not info.active:  # dead before its time (revoked?): refresh once, and ask again
@@ -326,7 +326,7 @@ class Tokens:
             try:
                 token = await self.access_token(portal_id)
                 info = await self.oauth.token_info(token)
-            except (PortalNotConnected, TokenError, CryptoError, DatabaseError) as exc:
+            except (PortalNotConnected, TokenError, CryptoError) as exc:
                 latency = (time.monotonic() - started) * 1000
                 return TestResult(ok=False, latency_ms=latency, error=str(exc)[:300])
         latency = (time.monotonic() - started) * 1000

@@ -41,14 +41,37 @@ def stop_blocking(server: Any) -> None:
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
 
 
+def running(data_dir: str) -> bool:
+    """Whether a server already runs on data_dir/pgdata (its postmaster.pid names a live
+    process): someone else's, then, which must be left running."""
+    pid_file = Path(data_dir).resolve() / "pgdata" / "postmaster.pid"
+    try:
+        first = pid_file.read_text().split("\n", 1)[0].strip()
+        pid = int(first)
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return pid > 0
+
+
 @contextlib.asynccontextmanager
 async def embedded_database(data_dir: str, *, stop: bool = True) -> AsyncIterator[str]:
-    """Run the embedded server for the life of the block and yield its URL."""
+    """Run the embedded server for the life of the block and yield its URL. A server that
+    was already running (a daemon's, when a CLI command runs beside it) is used as it is and
+    left running."""
+    owner = stop and not await asyncio.to_thread(running, data_dir)
     server, url = await asyncio.to_thread(start_blocking, data_dir)
-    log.info("embedded_postgres_started", data_dir=data_dir)
+    log.info(
+        "embedded_postgres_started" if owner else "embedded_postgres_reused", data_dir=data_dir
+    )
     try:
         yield url
     finally:
-        if stop:
+        if owner:
             await asyncio.to_thread(stop_blocking, server)
             log.info("embedded_postgres_stopped")

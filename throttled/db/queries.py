@@ -308,7 +308,8 @@ GROUP BY portal_id
 # Re-encryption (keys rotate): batches in portal order.
 PORTAL_CIPHERTEXTS = """
 SELECT portal_id, refresh_token, access_token FROM portals
-WHERE portal_id > $1 AND (refresh_token IS NOT NULL OR access_token IS NOT NULL)
+WHERE ($1::bigint IS NULL OR portal_id > $1)
+  AND (refresh_token IS NOT NULL OR access_token IS NOT NULL)
 ORDER BY portal_id LIMIT $2
 FOR UPDATE
 """

@@ -529,10 +529,13 @@ class Repository:
             for r in rows
         }
 
-    async def reencrypt_batch(self, after: int, limit: int, convert: Any) -> tuple[int, int]:
-        """Re-encrypt one batch of portals (ids > `after`) in one transaction: `convert(row)`
+    async def reencrypt_batch(
+        self, after: int | None, limit: int, convert: Any
+    ) -> tuple[int | None, int]:
+        """Re-encrypt one batch of portals (ids > `after`; None: from the first) in one
+        transaction: `convert(row)`
         returns the new (refresh, access) or None to leave a row as it is. Returns (last
-        portal id seen, rows changed); last id 0 when there are no more."""
+        portal id seen, rows changed); last id None when there are no more."""
         with translate_errors():
             async with self.pool.acquire() as conn, conn.transaction():
                 rows = await conn.fetch(q.PORTAL_CIPHERTEXTS, after, limit)
@@ -542,7 +545,7 @@ class Repository:
                     if new is not None:
                         await conn.execute(q.REENCRYPT_PORTAL, row["portal_id"], *new)
                         changed += 1
-        return (rows[-1]["portal_id"] if rows else 0), changed
+        return (rows[-1]["portal_id"] if rows else None), changed
 
     # -- OAuth install flow -----------------------------------------------------------------
 

@@ -250,10 +250,16 @@ def _info(doc: Any, *, active: bool) -> TokenInfo:
     )
 
 
+def valid_token(value: object) -> bool:
+    """Whether a value can be a token: 1..MAX_TOKEN_CHARS printable ASCII, no spaces (it
+    goes in an Authorization header and a form body)."""
+    return isinstance(value, str) and _TOKEN.fullmatch(value) is not None
+
+
 def _token(value: Any) -> str:
-    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+    if not valid_token(value):
         raise ValueError("token")
-    return value
+    return str(value)
 
 
 def _hub_id(value: Any) -> int | None:
