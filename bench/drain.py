@@ -24,7 +24,7 @@ the wire and to the fake, and each request's fake stamp against its wire stamp; 
 achieved share of its limit, the daemon's CPU seconds per 1,000 callbacks
 (/proc/<pid>/stat), the idle-queue first-send latency broken down with the probe rows' own
 timestamps, claim statements per second (distinct claimed_at: each claim statement stamps
-its rows with its own now()), the per-portal request peak, the daemon's /healthz latency
+its rows with its own unique stamp), the per-portal request peak, the daemon's /healthz latency
 (event-loop stalls) and whether the graceful stop left rows 'claimed'.
 
 The last line printed is a one-line summary.
@@ -784,7 +784,7 @@ class DrainBench(harness.Bench):
             )
 
     def _claims(self, start: float, end: float) -> dict[str, Any]:
-        """Claim statements in the window: each stamps its rows with its own now()."""
+        """Claim statements in the window: each stamps its rows with its own unique stamp."""
         with self.db.connect() as conn:
             row = conn.execute(
                 "SELECT count(DISTINCT claimed_at), count(*) FROM actions "
