@@ -266,8 +266,9 @@ BEGIN
   END IF;
   RETURN NULL;
 END $$;
-CREATE TRIGGER slow_claim AFTER UPDATE ON actions
-  FOR EACH STATEMENT EXECUTE FUNCTION slow_claim();
+CREATE TRIGGER slow_claim AFTER UPDATE ON actions FOR EACH ROW
+  WHEN (OLD.state = 'pending' AND NEW.state = 'claimed')  -- (a claim, nothing else)
+  EXECUTE FUNCTION slow_claim();
 """
 
 

@@ -358,3 +358,20 @@ FROM actions WHERE state = 'pending' GROUP BY queue_id
 """
 
 ALL_ACTION_CONFIGS = "SELECT portal_id, action_id, policy FROM action_configs"
+
+SET_ACTION_CONFIG = """
+INSERT INTO action_configs (portal_id, action_id, policy) VALUES ($1, $2, $3)
+ON CONFLICT (portal_id, action_id) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()
+"""
+
+GET_ACTION_CONFIG = "SELECT policy FROM action_configs WHERE portal_id = $1 AND action_id = $2"
+
+DELETE_ACTION_CONFIG = """
+DELETE FROM action_configs WHERE portal_id = $1 AND action_id = $2 RETURNING 1
+"""
+
+LIST_ACTION_CONFIGS = """
+SELECT portal_id, action_id, policy FROM action_configs
+WHERE $1::bigint IS NULL OR (portal_id, action_id) > ($1, $2)
+ORDER BY portal_id, action_id LIMIT $3
+"""

@@ -590,6 +590,29 @@ class Repository:
         rows = await self._fetch(q.ALL_ACTION_CONFIGS)
         return {(r["portal_id"], r["action_id"]): r["policy"] for r in rows}
 
+    async def set_action_config(
+        self, portal_id: int, action_id: int, policy: dict[str, Any]
+    ) -> None:
+        """Create or replace one (portal, action definition) rate config."""
+        await self._execute(q.SET_ACTION_CONFIG, portal_id, action_id, policy)
+
+    async def get_action_config(self, portal_id: int, action_id: int) -> Any:
+        """One stored config's policy (as stored: may be anything), or None."""
+        rows = await self._fetch(q.GET_ACTION_CONFIG, portal_id, action_id)
+        return rows[0]["policy"] if rows else None
+
+    async def delete_action_config(self, portal_id: int, action_id: int) -> bool:
+        """Delete one config; whether there was one."""
+        return bool(await self._fetch(q.DELETE_ACTION_CONFIG, portal_id, action_id))
+
+    async def list_action_configs(
+        self, after: tuple[int, int] | None, limit: int
+    ) -> list[tuple[int, int, Any]]:
+        """Configs after (portal, action), in that order."""
+        portal, action = after if after is not None else (None, None)
+        rows = await self._fetch(q.LIST_ACTION_CONFIGS, portal, action, limit)
+        return [(r["portal_id"], r["action_id"], r["policy"]) for r in rows]
+
     async def longest_period(self) -> float:
         """The longest period among stored queue policies, seconds (0 if none)."""
         rows = await self._fetch(q.LONGEST_PERIOD)

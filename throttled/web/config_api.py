@@ -1,0 +1,259 @@
+"""Throttle configs, compatible with the original's API: `POST /api/config`,
+`GET /api/config[/{portal_id}/{action_id}]`, `DELETE /api/config/{portal_id}/{action_id}`.
+
+A body is checked in two steps: its shape by a strict pydantic model (unknown fields, wrong
+types; numbers may come as numeric strings, as the original accepted), then each rate field
+by the same rules intake applies (rates.spec_from_mapping), so that a 422 names every bad
+field at once. A stored config takes effect at once for new actions on this instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from aiohttp import web
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from throttled import rates
+from throttled.db.repository import DatabaseError
+from throttled.web.services import SERVICES, error
+
+MAX_ID = 2**63 - 1
+MAX_BODY_BYTES = 16 << 10
+PAGE_DEFAULT, PAGE_MAX = 100, 1000
+_NUMERIC = r"^\s*[0-9]{1,19}\s*$"
+Numeric = StrictInt | Annotated[str, StringConstraints(pattern=_NUMERIC)]
+Text = Annotated[str, StringConstraints(max_length=255)]
+Unit = Literal["seconds", "minutes", "hours", "days", "second", "minute", "hour", "day"]
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+_GOOD = {"max_throughput": 1, "time_period": 1, "time_unit": "seconds"}
+_RATE_FIELDS = (
+    "max_throughput",
+    "time_period",
+    "time_unit",
+    "pacing",
+    "release_days",
+    "release_hours",
+    "timezone",
+    "start_at",
+)
+
+
+class ThrottleConfig(BaseModel):
+    """A (portal, action definition) rate: the original's five fields, plus pacing and a
+    release schedule. Each rate field is checked by the rules intake applies, on its own
+    (beside good values for the rest), so that every bad field is named at once."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    portal_id: Numeric
+    action_id: Numeric
+    max_throughput: Numeric
+    time_period: Numeric = Field(default=1)
+    time_unit: Unit = "seconds"
+    pacing: Literal["window", "even"] | None = None
+    release_days: Text | None = None
+    release_hours: Text | None = None
+    timezone: Text | None = None
+    start_at: Text | None = None
+
+    @field_validator("portal_id", "action_id")
+    @classmethod
+    def _an_id(cls, value: int | str) -> int:
+        number = int(value)
+        if not 1 <= number <= MAX_ID:
+            raise ValueError(f"must be an integer 1..{MAX_ID}")
+        return number
+
+    @field_validator(*_RATE_FIELDS)
+    @classmethod
+    def _a_rate_field(cls, value: Any, info: ValidationInfo) -> Any:
+        name = info.field_name or ""
+        if value is not None:
+            try:
+                rates.spec_from_mapping({**_GOOD, name: value}, where="config")
+            except (ValueError, ArithmeticError) as exc:
+                raise ValueError(_message(exc, name)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _a_rate(self) -> ThrottleConfig:
+        try:
+            rates.resolve([rates.spec_from_mapping(self.policy(), where="config")])
+        except (ValueError, ArithmeticError) as exc:
+            raise PydanticCustomError("rate", _message(exc, "time_period")) from None
+        return self
+
+    def policy(self) -> dict[str, Any]:
+        """The rate fields given, as stored."""
+        return {k: getattr(self, k) for k in _RATE_FIELDS if getattr(self, k) is not None}
+
+
+def _problems(exc: ValidationError) -> list[dict[str, str]]:
+    """pydantic's errors as {field, message}, one per field (a whole-rate error names
+    time_period)."""
+    seen: dict[str, str] = {}
+    for item in exc.errors(include_url=False, include_input=False):
+        path = [str(p) for p in item["loc"] if not isinstance(p, int)]
+        where = path[0] if path else ("time_period" if item["type"] == "rate" else "body")
+        message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
+        seen.setdefault(where, message.removeprefix("Value error, ")[:200])
+    return [{"field": f, "message": m} for f, m in seen.items()]
+
+
+def validate(body: Any) -> tuple[int, int, dict[str, Any]] | list[dict[str, str]]:
+    """(portal_id, action_id, stored policy) or every problem found."""
+    if not isinstance(body, dict):
+        return [{"field": "body", "message": "must be a JSON object"}]
+    try:
+        model = ThrottleConfig.model_validate(body)
+    except ValidationError as exc:
+        return _problems(exc)
+    return int(model.portal_id), int(model.action_id), model.policy()
+
+
+def _message(exc: BaseException, key: str) -> str:
+    text = " ".join(str(exc).split())
+    return text.removeprefix(f"config.{key}: ")[:200]
+
+
+def _invalid(problems: list[dict[str, str]]) -> web.Response:
+    names = ", ".join(p["field"] for p in problems)
+    return error(422, "invalid_config", f"invalid fields: {names}", fields=problems)
+
+
+def _view(portal: int, action: int, policy: Any) -> dict[str, Any]:
+    shown = policy if isinstance(policy, dict) else {}
+    return {"portal_id": portal, "action_id": action, **shown}
+
+
+def _storage_down(request: web.Request) -> web.Response:
+    retry = request.app[SERVICES].config.ingest.retry_after_s
+    return error(503, "database_unavailable", "storage is unavailable; retry", retry_after=retry)
+
+
+async def set_config(request: web.Request) -> web.Response:
+    """POST /api/config: create or update one config; answers the stored config."""
+    services = request.app[SERVICES]
+    too_large = error(413, "payload_too_large", f"request body exceeds {MAX_BODY_BYTES} bytes")
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        return too_large
+    try:
+        async with asyncio.timeout(services.config.server.body_timeout_s):
+            raw = await request.read()  # (whole; aiohttp bounds it by ingest.max_body_bytes)
+    except web.HTTPRequestEntityTooLarge:
+        return too_large
+    except TimeoutError:
+        return error(408, "body_timeout", "the request body did not arrive in time")
+    if len(raw) > MAX_BODY_BYTES:
+        return too_large
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return error(400, "invalid_json", "the body is not JSON", field="body")
+    checked = validate(body)
+    if isinstance(checked, list):
+        return _invalid(checked)
+    portal, action, policy = checked
+    try:
+        await services.repo.set_action_config(portal, action, policy)
+    except DatabaseError:
+        return _storage_down(request)
+    services.intake.action_configs[portal, action] = rates.spec_from_mapping(policy, where="config")
+    return web.json_response(_view(portal, action, policy))
+
+
+def _path_ids(request: web.Request) -> tuple[int, int] | web.Response:
+    ids = []
+    for name in ("portal_id", "action_id"):
+        text = request.match_info.get(name, "")
+        if not _DIGITS.fullmatch(text) or not 1 <= int(text) <= MAX_ID:
+            return error(
+                400, f"invalid_{name}", f"{name} must be an integer 1..{MAX_ID}", field=name
+            )
+        ids.append(int(text))
+    return ids[0], ids[1]
+
+
+async def get_config(request: web.Request) -> web.Response:
+    """GET /api/config/{portal_id}/{action_id}."""
+    ids = _path_ids(request)
+    if isinstance(ids, web.Response):
+        return ids
+    try:
+        policy = await request.app[SERVICES].repo.get_action_config(*ids)
+    except DatabaseError:
+        return _storage_down(request)
+    if policy is None:
+        return error(404, "config_not_found", f"no config for portal {ids[0]}, action {ids[1]}")
+    return web.json_response(_view(*ids, policy))
+
+
+async def delete_config(request: web.Request) -> web.Response:
+    """DELETE /api/config/{portal_id}/{action_id}: new actions fall back to the defaults."""
+    services = request.app[SERVICES]
+    ids = _path_ids(request)
+    if isinstance(ids, web.Response):
+        return ids
+    try:
+        deleted = await services.repo.delete_action_config(*ids)
+    except DatabaseError:
+        return _storage_down(request)
+    if not deleted:
+        return error(404, "config_not_found", f"no config for portal {ids[0]}, action {ids[1]}")
+    services.intake.action_configs.pop(ids, None)
+    return web.json_response({"portal_id": ids[0], "action_id": ids[1], "deleted": True})
+
+
+def _cursor(text: str) -> tuple[int, int] | None:
+    """An opaque cursor: base64 of 'portal:action' (the last row of the previous page)."""
+    try:
+        portal, _, action = base64.urlsafe_b64decode(text.encode("ascii")).decode().partition(":")
+    except (ValueError, UnicodeError, binascii.Error):
+        return None
+    if not (_DIGITS.fullmatch(portal) and _DIGITS.fullmatch(action)):
+        return None
+    return int(portal), int(action)
+
+
+async def list_configs(request: web.Request) -> web.Response:
+    """GET /api/config?limit=&cursor=: configs in (portal, action) order."""
+    limit_text = request.query.get("limit", str(PAGE_DEFAULT))
+    if not _DIGITS.fullmatch(limit_text) or not 1 <= int(limit_text) <= PAGE_MAX:
+        return error(400, "invalid_limit", f"limit must be an integer 1..{PAGE_MAX}", field="limit")
+    after = None
+    if "cursor" in request.query:
+        after = _cursor(request.query["cursor"][:100])
+        if after is None:
+            return error(400, "invalid_cursor", "cursor is not one this API gave", field="cursor")
+    limit = int(limit_text)
+    try:
+        rows = await request.app[SERVICES].repo.list_action_configs(after, limit + 1)
+    except DatabaseError:
+        return _storage_down(request)
+    page = rows[:limit]
+    body: dict[str, Any] = {"configs": [_view(p, a, policy) for p, a, policy in page]}
+    if len(rows) > limit:
+        last = page[-1]
+        body["next_cursor"] = base64.urlsafe_b64encode(f"{last[0]}:{last[1]}".encode()).decode()
+    else:
+        body["next_cursor"] = None
+    return web.json_response(body)
