@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 import psycopg
 import pytest
 
 from tests.conftest import Daemon, action_payload, wait_for
+from throttled.hubspot.action import parse
 
 TOKEN = "config-api-admin-token-0123456789"
 ADMIN = {"admin": {"tokens": [{"id": "ops", "token": TOKEN}]}}
@@ -32,10 +35,10 @@ async def test_a_config_is_stored_answered_and_used_at_once(daemon_factory, fake
         }
         status, stored = await call(daemon, "POST", "/api/config", body)
         assert status == 200, stored
-        assert stored == {
+        assert stored == {  # (stored normalized: numbers as integers)
             "portal_id": 62515,
             "action_id": 1234567,
-            "max_throughput": "3",
+            "max_throughput": 3,
             "time_period": 1,
             "time_unit": "minute",
         }
@@ -167,9 +170,6 @@ async def test_bad_path_ids_are_400(daemon_factory, path):
 
 
 async def test_a_body_sent_in_slow_pieces_is_read_whole(daemon_factory):
-    import asyncio
-    import json
-
     body = json.dumps({"portal_id": 1, "action_id": 2, "max_throughput": 7}).encode()
 
     async def pieces():
@@ -188,3 +188,58 @@ async def test_a_body_sent_in_slow_pieces_is_read_whole(daemon_factory):
         big = b'{"portal_id": 1, "pad": "' + b"x" * 20000 + b'"}'
         async with daemon.session.post(daemon.url + "/api/config", data=big, headers=AUTH) as resp:
             assert resp.status == 413
+
+
+async def test_each_new_config_is_used_at_once_even_where_an_old_one_was_cached(
+    daemon_factory, db_url
+):
+    async with daemon_factory(**ADMIN) as daemon:
+        intake = daemon.runtime.services.intake
+        for limit in range(1, 60):
+            body = {"portal_id": 7, "action_id": 8, "max_throughput": limit}
+            assert (await call(daemon, "POST", "/api/config", body))[0] == 200
+            request = parse(json.dumps(action_payload(portal_id=7, action_id=8)).encode())
+            action = intake.build(request)
+            assert action.policy["limit"] == limit
+
+
+async def test_concurrent_writes_leave_memory_and_the_database_agreeing(daemon_factory, db_url):
+    async with daemon_factory(**ADMIN) as daemon:
+        for _ in range(5):
+            bodies = [{"portal_id": 7, "action_id": 8, "max_throughput": n} for n in range(1, 31)]
+            await asyncio.gather(*(call(daemon, "POST", "/api/config", b) for b in bodies))
+            with psycopg.connect(db_url) as conn:
+                (stored,) = conn.execute("SELECT policy FROM action_configs").fetchone()
+            assert (
+                daemon.runtime.services.intake.action_configs[7, 8].limit
+                == stored["max_throughput"]
+            )
+
+
+async def test_a_whole_rate_error_names_the_field_at_fault(daemon_factory):
+    body = {
+        "portal_id": 1,
+        "action_id": 2,
+        "max_throughput": 1,
+        "start_at": "1970-01-01T00:00",
+        "timezone": "Asia/Tokyo",
+    }
+    async with daemon_factory(**ADMIN) as daemon:
+        status, answer = await call(daemon, "POST", "/api/config", body)
+    assert status == 422
+    assert [f["field"] for f in answer["fields"]] == ["start_at"]
+
+
+async def test_a_stored_row_cannot_change_the_ids_shown(daemon_factory, db_url):
+    async with daemon_factory(**ADMIN) as daemon:
+        with psycopg.connect(db_url) as conn:
+            conn.execute(
+                "INSERT INTO action_configs (portal_id, action_id, policy) VALUES (10, 7, %s)",
+                ('{"portal_id": "spoof", "action_id": null, "max_throughput": 2, "x": 1}',),
+            )
+        status, shown = await call(daemon, "GET", "/api/config/10/7")
+        assert (status, shown) == (200, {"portal_id": 10, "action_id": 7, "max_throughput": 2})
+        status, page = await call(daemon, "GET", "/api/config")
+        assert page["configs"] == [shown]
+        beyond = "OTk5OTk5OTk5OTk5OTk5OTk5OTox"  # 9999999999999999999:1, past a bigint
+        assert (await call(daemon, "GET", f"/api/config?cursor={beyond}"))[0] == 400

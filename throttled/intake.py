@@ -58,6 +58,15 @@ class Intake:
             input_fields=stored,
         )
 
+    def set_config(self, portal_id: int, action_id: int, spec: rates.PolicySpec | None) -> None:
+        """Use (or, with None, stop using) an admin config for new actions. The policy cache
+        is emptied: it is keyed on the config's identity, which a later one may reuse."""
+        if spec is None:
+            self.action_configs.pop((portal_id, action_id), None)
+        else:
+            self.action_configs[portal_id, action_id] = spec
+        self._policy_cache.clear()
+
     def _policy(self, request: ActionRequest, stored: dict[str, Any]) -> dict[str, Any]:
         admin = self.action_configs.get((request.portal_id, request.action_definition_id))
         # Keyed on the rate fields given (stored holds them, with priority and queueName),

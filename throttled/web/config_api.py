@@ -99,12 +99,27 @@ class ThrottleConfig(BaseModel):
         try:
             rates.resolve([rates.spec_from_mapping(self.policy(), where="config")])
         except (ValueError, ArithmeticError) as exc:
-            raise PydanticCustomError("rate", _message(exc, "time_period")) from None
+            text = " ".join(str(exc).split())
+            named = re.match(r"config\.([a-z_]+): ", text)
+            field = named.group(1) if named and named.group(1) in _RATE_FIELDS else "time_period"
+            raise PydanticCustomError(
+                "rate", "{field}: {message}", {"field": field, "message": _message(exc, field)}
+            ) from None
         return self
 
     def policy(self) -> dict[str, Any]:
-        """The rate fields given, as stored."""
-        return {k: getattr(self, k) for k in _RATE_FIELDS if getattr(self, k) is not None}
+        """The rate fields given, as stored: numbers as integers, text stripped, blank text
+        left out (it means "not given")."""
+        out: dict[str, Any] = {}
+        for key in _RATE_FIELDS:
+            value = getattr(self, key)
+            if isinstance(value, str):
+                value = value.strip()
+                if key in ("max_throughput", "time_period"):
+                    value = int(value)
+            if value is not None and value != "":
+                out[key] = value
+        return out
 
 
 def _problems(exc: ValidationError) -> list[dict[str, str]]:
@@ -113,8 +128,11 @@ def _problems(exc: ValidationError) -> list[dict[str, str]]:
     seen: dict[str, str] = {}
     for item in exc.errors(include_url=False, include_input=False):
         path = [str(p) for p in item["loc"] if not isinstance(p, int)]
-        where = path[0] if path else ("time_period" if item["type"] == "rate" else "body")
+        context = item.get("ctx") or {}
+        where = path[0] if path else str(context.get("field", "body"))
         message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
+        if item["type"] == "rate":
+            message = str(context.get("message", message))
         seen.setdefault(where, message.removeprefix("Value error, ")[:200])
     return [{"field": f, "message": m} for f, m in seen.items()]
 
@@ -141,8 +159,14 @@ def _invalid(problems: list[dict[str, str]]) -> web.Response:
 
 
 def _view(portal: int, action: int, policy: Any) -> dict[str, Any]:
+    """A stored config as answered: its ids, then the rate fields it holds (a row edited by
+    hand may hold anything else; that is not shown)."""
     shown = policy if isinstance(policy, dict) else {}
-    return {"portal_id": portal, "action_id": action, **shown}
+    return {
+        "portal_id": portal,
+        "action_id": action,
+        **{k: shown[k] for k in _RATE_FIELDS if k in shown},
+    }
 
 
 def _storage_down(request: web.Request) -> web.Response:
@@ -173,11 +197,12 @@ async def set_config(request: web.Request) -> web.Response:
     if isinstance(checked, list):
         return _invalid(checked)
     portal, action, policy = checked
-    try:
-        await services.repo.set_action_config(portal, action, policy)
-    except DatabaseError:
-        return _storage_down(request)
-    services.intake.action_configs[portal, action] = rates.spec_from_mapping(policy, where="config")
+    async with services.config_lock:
+        try:
+            await services.repo.set_action_config(portal, action, policy)
+        except DatabaseError:
+            return _storage_down(request)
+        services.intake.set_config(portal, action, rates.spec_from_mapping(policy, where="config"))
     return web.json_response(_view(portal, action, policy))
 
 
@@ -213,13 +238,14 @@ async def delete_config(request: web.Request) -> web.Response:
     ids = _path_ids(request)
     if isinstance(ids, web.Response):
         return ids
-    try:
-        deleted = await services.repo.delete_action_config(*ids)
-    except DatabaseError:
-        return _storage_down(request)
-    if not deleted:
-        return error(404, "config_not_found", f"no config for portal {ids[0]}, action {ids[1]}")
-    services.intake.action_configs.pop(ids, None)
+    async with services.config_lock:
+        try:
+            deleted = await services.repo.delete_action_config(*ids)
+        except DatabaseError:
+            return _storage_down(request)
+        if not deleted:
+            return error(404, "config_not_found", f"no config for portal {ids[0]}, action {ids[1]}")
+        services.intake.set_config(*ids, None)
     return web.json_response({"portal_id": ids[0], "action_id": ids[1], "deleted": True})
 
 
@@ -230,6 +256,8 @@ def _cursor(text: str) -> tuple[int, int] | None:
     except (ValueError, UnicodeError, binascii.Error):
         return None
     if not (_DIGITS.fullmatch(portal) and _DIGITS.fullmatch(action)):
+        return None
+    if not (int(portal) <= MAX_ID and int(action) <= MAX_ID):
         return None
     return int(portal), int(action)
 

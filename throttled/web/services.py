@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -35,6 +36,8 @@ class Services:
     auth_base_url: str
     clock: Callable[[], float]
     stopping: bool = False
+    # config writes one at a time, so that memory and the database end the same
+    config_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def block_body(self) -> bytes:
