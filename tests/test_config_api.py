@@ -243,3 +243,19 @@ async def test_a_stored_row_cannot_change_the_ids_shown(daemon_factory, db_url):
         assert page["configs"] == [shown]
         beyond = "OTk5OTk5OTk5OTk5OTk5OTk5OTox"  # 9999999999999999999:1, past a bigint
         assert (await call(daemon, "GET", f"/api/config?cursor={beyond}"))[0] == 400
+
+
+async def test_a_compressed_body_or_a_key_given_twice_is_refused(daemon_factory, db_url):
+    async with daemon_factory(**ADMIN) as daemon:
+        raw = b'{"portal_id": 1, "action_id": 2, "max_throughput": 0, "max_throughput": 3}'
+        async with daemon.session.post(daemon.url + "/api/config", data=raw, headers=AUTH) as resp:
+            answer = await resp.json()
+            assert resp.status == 422
+            assert answer["fields"][0]["field"] == "max_throughput"
+        headers = {**AUTH, "Content-Encoding": "gzip"}
+        async with daemon.session.post(
+            daemon.url + "/api/config", data=b"x", headers=headers
+        ) as resp:
+            assert resp.status == 415
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM action_configs").fetchone() == (0,)

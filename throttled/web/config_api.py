@@ -148,6 +148,22 @@ def validate(body: Any) -> tuple[int, int, dict[str, Any]] | list[dict[str, str]
     return int(model.portal_id), int(model.action_id), model.policy()
 
 
+class _Duplicate(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"{key[:100]!r} is given more than once")
+        self.key = key[:100]
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once (else which one wins is a guess)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(key)
+        out[key] = value
+    return out
+
+
 def _message(exc: BaseException, key: str) -> str:
     text = " ".join(str(exc).split())
     return text.removeprefix(f"config.{key}: ")[:200]
@@ -177,6 +193,9 @@ def _storage_down(request: web.Request) -> web.Response:
 async def set_config(request: web.Request) -> web.Response:
     """POST /api/config: create or update one config; answers the stored config."""
     services = request.app[SERVICES]
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in ("identity", ""):
+        return error(415, "unsupported_media_type", "admin request bodies must not be compressed")
     too_large = error(413, "payload_too_large", f"request body exceeds {MAX_BODY_BYTES} bytes")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         return too_large
@@ -190,7 +209,11 @@ async def set_config(request: web.Request) -> web.Response:
     if len(raw) > MAX_BODY_BYTES:
         return too_large
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _Duplicate as exc:
+        return error(
+            422, "invalid_config", str(exc), fields=[{"field": exc.key, "message": str(exc)}]
+        )
     except (ValueError, RecursionError):
         return error(400, "invalid_json", "the body is not JSON", field="body")
     checked = validate(body)
