@@ -226,6 +226,7 @@ _ADMIN_TOKEN = re.compile(r"[\x21-\x7e]+")  # (what an Authorization header carr
 class RetentionConfig:
     done_days: float = _num(7.0, 0, 36500, above=True)
     failed_days: float = _num(30.0, 0, 36500, above=True)
+    audit_days: float = _num(730.0, 0, 36500, above=True)
     batch_size: int = _num(5000, 1, 100_000)
     interval_s: float = _num(60.0, 1, 86400)
 

@@ -483,6 +483,7 @@ async def maintain_once(runtime: Runtime, *, full: bool = True) -> None:
         log.info("retention_deleted", rows=deleted)
     await repo.prune_sends(now - timedelta(seconds=longest))
     await repo.delete_expired_oauth_states(now)  # (installs started and never finished)
+    await repo.delete_old_audit(now - timedelta(days=retention.audit_days), retention.batch_size)
     await check_deadlines(runtime)
 
 

@@ -375,3 +375,22 @@ SELECT portal_id, action_id, policy FROM action_configs
 WHERE $1::bigint IS NULL OR (portal_id, action_id) > ($1, $2)
 ORDER BY portal_id, action_id LIMIT $3
 """
+
+# -- audit log ---------------------------------------------------------------------------------
+
+ADD_AUDIT = """
+INSERT INTO audit_log (actor, action, target, before, after) VALUES ($1, $2, $3, $4, $5)
+"""
+
+# Newest first; the cursor is the last id seen.
+LIST_AUDIT = f"""
+SELECT id, {_readable("at")} AS at, left(actor, 100) AS actor, left(action, 100) AS action,
+       left(target, 300) AS target, before, after
+FROM audit_log
+WHERE ($1::text IS NULL OR target = $1) AND ($2::bigint IS NULL OR id < $2)
+ORDER BY id DESC LIMIT $3
+"""
+
+DELETE_OLD_AUDIT = """
+DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log WHERE at < $1 LIMIT $2)
+"""

@@ -622,3 +622,23 @@ class Repository:
         """(queue_id, pending rows, latest deadline) for every queue with a backlog."""
         rows = await self._fetch(q.PENDING_BY_QUEUE)
         return [(r["queue_id"], r["pending"], r["latest_deadline"]) for r in rows]
+
+    # -- audit log --------------------------------------------------------------------------
+
+    async def add_audit(
+        self, actor: str, action: str, target: str, before: Any = None, after: Any = None
+    ) -> None:
+        """Record one change (never a secret: callers pass configs and states, not tokens)."""
+        await self._execute(q.ADD_AUDIT, actor[:100], action[:100], target[:300], before, after)
+
+    async def list_audit(
+        self, target: str | None, before_id: int | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Audit entries, newest first (of one target, if given), older than `before_id`."""
+        rows = await self._fetch(q.LIST_AUDIT, target, before_id, limit)
+        return [dict(r) for r in rows]
+
+    async def delete_old_audit(self, before: datetime, limit: int) -> int:
+        """Retention: delete up to `limit` entries older than `before`."""
+        status = await self._execute(q.DELETE_OLD_AUDIT, before, limit)
+        return int(status.split()[-1])

@@ -64,6 +64,14 @@ class AdminAuth:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ACTOR = web.RequestKey("actor", str)  # who made an admin request (a token id)
+
+
+def actor(request: web.Request) -> str:
+    """Who is making this admin request, for the audit log: the admin token's id."""
+    return str(request.get(ACTOR, "unknown"))
+
+
 Error = Callable[..., web.Response]
 
 
@@ -99,6 +107,7 @@ def admin_only(handler: Handler, auth: Callable[[web.Request], AdminAuth], error
             response.headers["WWW-Authenticate"] = challenge
             return response
         log.info("admin_request", method=request.method, path=request.path[:200], token_id=token_id)
+        request[ACTOR] = token_id
         return await handler(request)
 
     check.__name__ = check.__qualname__ = handler.__name__

@@ -32,6 +32,7 @@ from pydantic_core import PydanticCustomError
 
 from throttled import rates
 from throttled.db.repository import DatabaseError
+from throttled.web.admin import actor
 from throttled.web.services import SERVICES, error
 
 MAX_ID = 2**63 - 1
@@ -222,7 +223,11 @@ async def set_config(request: web.Request) -> web.Response:
     portal, action, policy = checked
     async with services.config_lock:
         try:
+            before = await services.repo.get_action_config(portal, action)
             await services.repo.set_action_config(portal, action, policy)
+            await services.repo.add_audit(
+                actor(request), "config.set", f"config:{portal}:{action}", before, policy
+            )
         except DatabaseError:
             return _storage_down(request)
         services.intake.set_config(portal, action, rates.spec_from_mapping(policy, where="config"))
@@ -263,7 +268,11 @@ async def delete_config(request: web.Request) -> web.Response:
         return ids
     async with services.config_lock:
         try:
+            before = await services.repo.get_action_config(*ids)
             deleted = await services.repo.delete_action_config(*ids)
+            if deleted:
+                target = f"config:{ids[0]}:{ids[1]}"
+                await services.repo.add_audit(actor(request), "config.delete", target, before)
         except DatabaseError:
             return _storage_down(request)
         if not deleted:

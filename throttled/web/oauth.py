@@ -283,7 +283,15 @@ async def _connect(services: Services, code: str, redirect_uri: str) -> web.Resp
             "Nothing was stored. Check the app's scopes in HubSpot, then install again.",
         )
     try:
+        before = await services.repo.get_portal(hub_id)
         await services.tokens.install(hub_id, grant, granted, domain)
+        await services.repo.add_audit(
+            "oauth",
+            "portal.install",
+            f"portal:{hub_id}",
+            None if before is None else {"connection": before.status},
+            {"connection": "connected", "scopes": list(granted), "hub_domain": domain},
+        )
     except DatabaseError:
         return _storage_down(services)
     log.info("oauth_installed", portal_id=hub_id, scopes=list(granted)[:50])

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from throttled.db.repository import Backlog, DatabaseError, PortalRow
-from throttled.web.admin import portal_id, portal_view
+from throttled.web.admin import actor, portal_id, portal_view
 from throttled.web.services import SERVICES, Services, error
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -101,4 +101,11 @@ async def disconnect_portal(request: web.Request) -> web.Response:
     if row is None:
         return _unknown(pid)
     revoked = await services.tokens.disconnect(pid, "disconnected by an operator")
+    await services.repo.add_audit(
+        actor(request),
+        "portal.disconnect",
+        f"portal:{pid}",
+        {"connection": row.status},
+        {"connection": "disconnected", "revoked": revoked},
+    )
     return web.json_response({"portal_id": pid, "connection": "disconnected", "revoked": revoked})
