@@ -394,3 +394,18 @@ ORDER BY id DESC LIMIT $3
 DELETE_OLD_AUDIT = """
 DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log WHERE at < $1 LIMIT $2)
 """
+
+# One action, for operators (every timestamp and counter bounded on read).
+GET_ACTION = f"""
+SELECT a.id, a.callback_id, a.state, a.portal_id, a.queue_id, left(q.key, 300) AS queue_key,
+       a.priority, {_count("a.attempts")} AS attempts, {_count("a.failures")} AS failures,
+       left(a.last_error, 500) AS last_error,
+       {_readable("a.received_at")} AS received_at,
+       {_readable("a.claimed_at", nullable=True)} AS claimed_at,
+       {_readable("a.sent_at", nullable=True)} AS sent_at,
+       {_readable("a.completed_at", nullable=True)} AS completed_at,
+       {_readable("a.not_before", nullable=True)} AS not_before,
+       {_readable("a.deadline")} AS deadline
+FROM actions a LEFT JOIN queues q ON q.id = a.queue_id
+WHERE a.callback_id = $1
+"""

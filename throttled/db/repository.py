@@ -642,3 +642,8 @@ class Repository:
         """Retention: delete up to `limit` entries older than `before`."""
         status = await self._execute(q.DELETE_OLD_AUDIT, before, limit)
         return int(status.split()[-1])
+
+    async def get_action(self, callback_id: str) -> dict[str, Any] | None:
+        """One action by its callbackId, for operators; None if unknown."""
+        rows = await self._fetch(q.GET_ACTION, callback_id)
+        return dict(rows[0]) if rows else None

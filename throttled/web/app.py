@@ -17,7 +17,7 @@ from throttled.db.repository import DatabaseError, DatabaseUnavailable, NewActio
 from throttled.hubspot import signature
 from throttled.hubspot.action import PayloadError, parse
 from throttled.ingest import Overloaded, Stopping
-from throttled.web import audit_api, config_api, oauth, portals
+from throttled.web import actions_api, audit_api, config_api, oauth, portals
 from throttled.web.admin import admin_only
 from throttled.web.services import SERVICES, Services, clip, error
 
@@ -284,6 +284,7 @@ def make_app(services: Services) -> web.Application:
         ("GET", "/api/config/{portal_id}/{action_id}", admin(config_api.get_config)),
         ("DELETE", "/api/config/{portal_id}/{action_id}", admin(config_api.delete_config)),
         ("GET", "/api/audit", admin(audit_api.list_audit)),
+        ("GET", "/api/actions/{callback_id}", admin(actions_api.show_action)),
         ("GET", "/api/portals", admin(portals.list_portals)),
         ("GET", "/api/portals/{id}", admin(portals.show_portal)),
         ("POST", "/api/portals/{id}/test", admin(portals.test_portal)),
