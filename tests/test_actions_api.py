@@ -41,8 +41,9 @@ async def test_an_action_is_shown_with_its_history(daemon_factory, fake_hubspot,
 
 @pytest.mark.parametrize("callback_id", ["x" * 256, "%00", "%1b%5b31m"])
 async def test_a_callback_id_out_of_bounds_is_a_400(daemon_factory, callback_id):
-    async with daemon_factory(**ADMIN) as daemon, daemon.session.get(
-        f"{daemon.url}/api/actions/{callback_id}", headers=AUTH
-    ) as resp:
+    async with (
+        daemon_factory(**ADMIN) as daemon,
+        daemon.session.get(f"{daemon.url}/api/actions/{callback_id}", headers=AUTH) as resp,
+    ):
         assert resp.status == 400
         assert (await resp.json())["field"] == "callbackId"
