@@ -362,15 +362,7 @@ def _test(args: argparse.Namespace) -> int:
             if await _find(repo, pid) is None:
                 raise _unknown(pid)
             result = await tokens.test(pid)
-        return {
-            "portal_id": pid,
-            "ok": result.ok,
-            "latency_ms": round(result.latency_ms, 1),
-            "error": result.error,
-            "hub_id": result.hub_id,
-            "scopes": list(result.scopes) if result.scopes is not None else None,
-            "hub_domain": result.hub_domain,
-        }
+        return result.as_json(pid)
 
     body = asyncio.run(run())
     if args.json:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
@@ -77,6 +78,18 @@ class TestResult:
     hub_id: int | None = None
     scopes: tuple[str, ...] | None = None
     hub_domain: str | None = None
+
+    def as_json(self, portal_id: int) -> dict[str, Any]:
+        """The result as the API and `portals test --json` show it."""
+        return {
+            "portal_id": portal_id,
+            "ok": self.ok,
+            "latency_ms": round(self.latency_ms, 1),
+            "error": self.error,
+            "hub_id": self.hub_id,
+            "scopes": list(self.scopes) if self.scopes is not None else None,
+            "hub_domain": self.hub_domain,
+        }
 
 
 class Tokens:

@@ -7,7 +7,7 @@ from datetime import datetime
 from aiohttp import web
 
 from throttled.db.repository import DatabaseError
-from throttled.web.services import SERVICES, clip, error
+from throttled.web.services import SERVICES, clip, error, storage_unavailable
 
 MAX_CALLBACK_ID = 255  # (what intake accepts)
 
@@ -25,10 +25,7 @@ async def show_action(request: web.Request) -> web.Response:
     try:
         row = await request.app[SERVICES].repo.get_action(callback_id)
     except DatabaseError:
-        retry = request.app[SERVICES].config.ingest.retry_after_s
-        return error(
-            503, "database_unavailable", "storage is unavailable; retry", retry_after=retry
-        )
+        return storage_unavailable(request.app[SERVICES])
     if row is None:
         return error(
             404, "action_not_found", f"no action with callbackId {clip(callback_id, 80)!r}"

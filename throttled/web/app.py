@@ -19,7 +19,7 @@ from throttled.hubspot.action import PayloadError, parse
 from throttled.ingest import Overloaded, Stopping
 from throttled.web import actions_api, audit_api, config_api, oauth, portals
 from throttled.web.admin import admin_only
-from throttled.web.services import SERVICES, Services, clip, error
+from throttled.web.services import SERVICES, Services, clip, error, storage_unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -198,9 +198,7 @@ async def _store(services: Services, action: NewAction) -> web.Response:
     except Stopping:
         return _stopping(services)
     except DatabaseUnavailable:
-        return error(
-            503, "database_unavailable", "storage is unavailable; retry", retry_after=retry
-        )
+        return storage_unavailable(services)
     except DatabaseError:
         log.exception("action_store_failed", callback_id=action.callback_id)
         return error(

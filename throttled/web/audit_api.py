@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from throttled.db.repository import DatabaseError, Unreadable
-from throttled.web.services import SERVICES, error
+from throttled.web.services import SERVICES, error, storage_unavailable
 
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
 _DIGITS = re.compile(r"[0-9]{1,19}")
@@ -38,10 +38,7 @@ async def list_audit(request: web.Request) -> web.Response:
             target, None if cursor is None else int(cursor), limit + 1
         )
     except DatabaseError:
-        retry = request.app[SERVICES].config.ingest.retry_after_s
-        return error(
-            503, "database_unavailable", "storage is unavailable; retry", retry_after=retry
-        )
+        return storage_unavailable(request.app[SERVICES])
     page = rows[:limit]
     entries: list[dict[str, Any]] = [
         {

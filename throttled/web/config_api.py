@@ -33,7 +33,7 @@ from pydantic_core import PydanticCustomError
 from throttled import rates
 from throttled.db.repository import DatabaseError
 from throttled.web.admin import actor
-from throttled.web.services import SERVICES, error
+from throttled.web.services import SERVICES, error, storage_unavailable
 
 MAX_ID = 2**63 - 1
 MAX_BODY_BYTES = 16 << 10
@@ -186,11 +186,6 @@ def _view(portal: int, action: int, policy: Any) -> dict[str, Any]:
     }
 
 
-def _storage_down(request: web.Request) -> web.Response:
-    retry = request.app[SERVICES].config.ingest.retry_after_s
-    return error(503, "database_unavailable", "storage is unavailable; retry", retry_after=retry)
-
-
 async def set_config(request: web.Request) -> web.Response:
     """POST /api/config: create or update one config; answers the stored config."""
     services = request.app[SERVICES]
@@ -229,7 +224,7 @@ async def set_config(request: web.Request) -> web.Response:
                 actor(request), "config.set", f"config:{portal}:{action}", before, policy
             )
         except DatabaseError:
-            return _storage_down(request)
+            return storage_unavailable(request.app[SERVICES])
         services.intake.set_config(portal, action, rates.spec_from_mapping(policy, where="config"))
     return web.json_response(_view(portal, action, policy))
 
@@ -254,7 +249,7 @@ async def get_config(request: web.Request) -> web.Response:
     try:
         policy = await request.app[SERVICES].repo.get_action_config(*ids)
     except DatabaseError:
-        return _storage_down(request)
+        return storage_unavailable(request.app[SERVICES])
     if policy is None:
         return error(404, "config_not_found", f"no config for portal {ids[0]}, action {ids[1]}")
     return web.json_response(_view(*ids, policy))
@@ -274,7 +269,7 @@ async def delete_config(request: web.Request) -> web.Response:
                 target = f"config:{ids[0]}:{ids[1]}"
                 await services.repo.add_audit(actor(request), "config.delete", target, before)
         except DatabaseError:
-            return _storage_down(request)
+            return storage_unavailable(request.app[SERVICES])
         if not deleted:
             return error(404, "config_not_found", f"no config for portal {ids[0]}, action {ids[1]}")
         services.intake.set_config(*ids, None)
@@ -308,7 +303,7 @@ async def list_configs(request: web.Request) -> web.Response:
     try:
         rows = await request.app[SERVICES].repo.list_action_configs(after, limit + 1)
     except DatabaseError:
-        return _storage_down(request)
+        return storage_unavailable(request.app[SERVICES])
     page = rows[:limit]
     body: dict[str, Any] = {"configs": [_view(p, a, policy) for p, a, policy in page]}
     if len(rows) > limit:

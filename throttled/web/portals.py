@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
 from throttled.db.repository import Backlog, DatabaseError, PortalRow
 from throttled.web.admin import actor, portal_id, portal_view
-from throttled.web.services import SERVICES, Services, error
+from throttled.web.services import SERVICES, Services, error, storage_unavailable
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -21,10 +20,7 @@ def _storage(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except DatabaseError:
-            retry = request.app[SERVICES].config.ingest.retry_after_s
-            return error(
-                503, "database_unavailable", "storage is unavailable; retry", retry_after=retry
-            )
+            return storage_unavailable(request.app[SERVICES])
 
     run.__name__ = run.__qualname__ = handler.__name__
     run.__doc__ = handler.__doc__
@@ -78,16 +74,7 @@ async def test_portal(request: web.Request) -> web.Response:
     if await _find(services, pid) is None:
         return _unknown(pid)
     result = await services.tokens.test(pid)
-    body: dict[str, Any] = {
-        "portal_id": pid,
-        "ok": result.ok,
-        "latency_ms": round(result.latency_ms, 1),
-        "error": result.error,
-        "hub_id": result.hub_id,
-        "scopes": list(result.scopes) if result.scopes is not None else None,
-        "hub_domain": result.hub_domain,
-    }
-    return web.json_response(body)
+    return web.json_response(result.as_json(pid))
 
 
 @_storage

@@ -68,6 +68,16 @@ def error(status: int, code: str, message: str, **extra: Any) -> web.Response:
     )
 
 
+def storage_unavailable(services: Services) -> web.Response:
+    """The 503 for a request the database could not serve: retry after ingest.retry_after_s."""
+    return error(
+        503,
+        "database_unavailable",
+        "storage is unavailable; retry",
+        retry_after=services.config.ingest.retry_after_s,
+    )
+
+
 def clip(text: str, limit: int = _MAX_ECHO) -> str:
     """Text cut to what an error body may repeat."""
     return text if len(text) <= limit else text[:limit] + "…"
