@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 
 class PgProxy:
@@ -14,7 +14,7 @@ class PgProxy:
     are closed as soon as they are accepted, as when the server or the network is down."""
 
     def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
+        self._target = (host, port)  # a host starting with / is a Unix socket directory
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -27,7 +27,8 @@ class PgProxy:
         parts = urlsplit(url)
         userinfo, _, _ = parts.netloc.rpartition("@")
         netloc = f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "host"])
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
     async def start(self) -> None:
         """Listen on a free loopback port."""
@@ -71,7 +72,12 @@ class PgProxy:
             writer.transport.abort()
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            host, port = self._target
+            if host.startswith("/"):  # (the embedded PostgreSQL listens on a Unix socket)
+                path = f"{host}/.s.PGSQL.{port}"
+                up_reader, up_writer = await asyncio.open_unix_connection(path)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(host, port)
         except OSError:
             writer.transport.abort()
             return
@@ -106,7 +112,9 @@ async def _pipe(
 async def pg_proxy(url: str) -> AsyncIterator[PgProxy]:
     """A started proxy in front of the server of `url` (closed after the block)."""
     parts = urlsplit(url)
-    proxy = PgProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    socket_dir = dict(parse_qsl(parts.query)).get("host", "")  # ?host=/dir: a Unix socket
+    host = socket_dir if socket_dir.startswith("/") else parts.hostname or "127.0.0.1"
+    proxy = PgProxy(host, parts.port or 5432)
     await proxy.start()
     try:
         yield proxy
