@@ -679,7 +679,7 @@ def _extra_headers(headers: CIMultiDict[str], extra: str) -> None:
     """Apply one of fuzz_strategies.EXTRA_HEADERS."""
     if extra == "expect":
         headers["Expect"] = "100-continue"
-    elif extra == "dup_content_type":
+    elif extra == "dup_content_type" and "Content-Type" in headers:  # (twice, not once)
         headers.add("Content-Type", "application/json")
     elif extra == "sig_non_ascii":
         headers[sig.SIGNATURE] = "\u00e9" * 64
