@@ -516,3 +516,57 @@ def test_the_token_refresh_margin_is_at_most_half_a_token_lifetime() -> None:
     raw = {"hubspot": {"token_refresh_margin_s": 1000.0}}
     with pytest.raises(config_module.ConfigError, match=r"hubspot\.token_refresh_margin_s"):
         config_module.validate(config_module.from_mapping(raw))
+
+
+# --- the custom action's definition (`throttled action-definition --publish`) ----------------
+
+
+def test_the_developer_api_key_is_masked_and_set_from_the_environment(tmp_path):
+    key = "dev-key-" + secrets.token_hex(12)
+    path = _write(
+        tmp_path, '[hubspot]\ndefinitions_path = "/automation/actions/2026-03/{app_id}"\n'
+    )
+    env = {"THROTTLED_HUBSPOT_DEVELOPER_API_KEY": key, "THROTTLED_HUBSPOT_APP_ID": "1234567"}
+    cfg = config_module.load(path, environ=env)
+    assert cfg.hubspot.developer_api_key.reveal() == key
+    assert cfg.hubspot.app_id == 1234567
+    assert cfg.hubspot.definitions_path == "/automation/actions/2026-03/{app_id}"
+    assert key not in repr(cfg)
+    shown = config_module.masked(cfg)["hubspot"]
+    assert (shown["developer_api_key"], shown["app_id"]) == ("***", 1234567)
+    defaults = config_module.load(None, environ={}).hubspot
+    assert (defaults.app_id, defaults.developer_api_key.reveal()) == (0, "")
+    assert defaults.definitions_path == "/automation/v4/actions/{app_id}"
+
+
+def test_check_config_masks_the_developer_api_key(tmp_path):
+    key = "dev-key-" + secrets.token_hex(12)
+    path = _write(tmp_path, f'[hubspot]\napp_id = 42\ndeveloper_api_key = "{key}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THROTTLED_")}
+    run = subprocess.run(
+        [sys.executable, "-m", "throttled", "check-config", "--config", path],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    assert key not in run.stdout + run.stderr
+    assert '"developer_api_key": "***"' in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"hubspot": {"app_id": -1}}, r"^hubspot\.app_id: must be 0\.\.2147483647"),
+        ({"hubspot": {"app_id": 2**31}}, r"^hubspot\.app_id: must be 0\.\.2147483647"),
+        ({"hubspot": {"app_id": "12"}}, r"^hubspot\.app_id: expected an integer"),
+        ({"hubspot": {"definitions_path": "/automation/v4/actions"}}, r"must contain \{app_id\}"),
+        ({"hubspot": {"definitions_path": "automation/{app_id}"}}, r"^hubspot\.definitions_path"),
+        ({"hubspot": {"developer_api_key": "has space-hunter2"}}, r"^hubspot\.developer_api_key"),
+    ],
+)
+def test_bad_definition_settings_name_the_key(raw, message):
+    shown = _rejected(raw)
+    assert re.search(message, shown), shown
+    assert "hunter2" not in shown

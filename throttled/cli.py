@@ -152,10 +152,24 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--per-queue", type=_int_in(1, 10_000), default=30, help="actions per queue (1..10000)"
     )
-    from throttled import cli_portals  # (it imports this module's helpers)
+    from throttled import cli_definition, cli_import, cli_portals  # (they import this module)
 
     cli_portals.add_commands(sub)
+
+    cli_import.add_commands(sub)
+    cli_definition.add_commands(sub)
     return parser
+
+
+def cli_actor() -> str:
+    """The audit log's actor for a change made through this command: cli:<unix user>."""
+    try:
+        import pwd
+
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError, OSError):
+        name = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+    return f"cli:{name[:64]}"
 
 
 def _config(args: argparse.Namespace) -> Config:

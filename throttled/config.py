@@ -21,6 +21,7 @@ from throttled import crypto, rates
 DEFAULT_PATHS = (Path("throttled.toml"), Path("/etc/throttled/throttled.toml"))
 MAX_FILE_BYTES = 1 << 20
 MAX_BLOCK_EXPIRATION_S = 365 * 86_400.0
+MAX_APP_ID = 2**31 - 1  # (appId is an int32 in the automation v4 spec)
 _CREDENTIAL_WORDS = ("pass", "secret", "token", "key", "auth", "credential")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DATABASE_SCHEMES = ("postgresql://", "postgres://", "postgresql+psycopg://")
@@ -128,6 +129,10 @@ class HubSpotConfig:
     send_typed_outputs: bool = False
     accept_v1_signatures: bool = False
     token_refresh_margin_s: float = _num(300.0, 0, 900)  # (HubSpot tokens last 1,800 s)
+    # The custom action's definition (`throttled action-definition --publish`) only.
+    app_id: int = _num(0, 0, MAX_APP_ID)  # 0: not set
+    developer_api_key: Secret = field(default_factory=lambda: Secret(""))  # sent as hapikey
+    definitions_path: str = "/automation/v4/actions/{app_id}"
 
     def oauth_path(self, name: str) -> str:
         """An OAuth endpoint's path: the configured one, else the version's default."""
@@ -212,6 +217,8 @@ class AdminToken:
 @dataclass(frozen=True, kw_only=True)
 class AdminConfig:
     tokens: tuple[AdminToken, ...] = ()
+    # how often the change counter is read: the backstop for a lost change notification
+    change_check_s: float = _num(5.0, 0.1, 3600)
 
 
 ADMIN_ENV = "THROTTLED_ADMIN_TOKEN"  # adds one admin token, id "env"
@@ -632,12 +639,26 @@ def _check_urls(config: Config) -> None:
     ):
         if value:
             _check_http_url(value, where)
-    for key in ("batch_complete_path", "authorize_path"):
+    for key in ("batch_complete_path", "authorize_path", "definitions_path"):
         _check_path(getattr(hs, key), f"hubspot.{key}")
+    if "{app_id}" not in hs.definitions_path:
+        raise ConfigError("hubspot.definitions_path: must contain {app_id}")
+    _check_developer_key(hs.developer_api_key)
     for key in ("token", "token_info", "revoke"):
         if getattr(hs, f"{key}_path"):
             _check_path(getattr(hs, f"{key}_path"), f"hubspot.{key}_path")
     _check_database_url(config.database.url.reveal())
+
+
+def _check_developer_key(key: Secret) -> None:
+    """Empty, or what can go in a query string as it is (the key is never echoed)."""
+    if key and not _DEVELOPER_KEY.fullmatch(key.reveal()):
+        raise ConfigError(
+            "hubspot.developer_api_key: must be 1..512 letters, digits, '-', '_' or '.'"
+        )
+
+
+_DEVELOPER_KEY = re.compile(r"[A-Za-z0-9_.-]{1,512}")
 
 
 def _check_path(value: str, where: str) -> None:

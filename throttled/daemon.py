@@ -20,6 +20,7 @@ from aiohttp import web
 
 from throttled import crypto, metrics, rates
 from throttled.aio import Outage, wait_event
+from throttled.changes import ChangeWatcher
 from throttled.config import Config
 from throttled.db import migrate
 from throttled.db.embedded import embedded_database
@@ -32,6 +33,7 @@ from throttled.intake import Intake
 from throttled.metrics import INGEST_PENDING, SENDER_HELD
 from throttled.scheduler import Scheduler
 from throttled.sender import Dispatcher
+from throttled.steering import Steering
 from throttled.tokens import WAITING_FOR_CONNECTION, Tokens
 from throttled.web.admin import AdminAuth
 from throttled.web.app import make_app
@@ -61,6 +63,7 @@ class Runtime:
     services: Services
     fake: FakeHubSpot | None
     api_base_url: str
+    watcher: ChangeWatcher | None = None
 
     @property
     def url(self) -> str:
@@ -261,6 +264,7 @@ async def _assemble(
             scheduler.notify(queue_ids)
 
     tokens.on_connected = wake
+    steering = Steering(repo, intake, scheduler=scheduler)
     services = Services(
         config=config,
         repo=repo,
@@ -272,6 +276,7 @@ async def _assemble(
         admin=AdminAuth.from_config(config.admin),
         auth_base_url=api_base if fake else hs.auth_base_url,  # (the fake serves both)
         clock=clock,
+        steering=steering,
     )
     INGEST_PENDING.read = lambda: float(ingest.pending)
     SENDER_HELD.read = lambda: float(dispatcher.held)
@@ -383,6 +388,11 @@ async def _run(
             runtime.dispatcher.run(send_stop, writer_stop), name="dispatcher"
         )
         maintenance_task = tg.create_task(maintenance(runtime, claim_stop), name="maintenance")
+        watcher = ChangeWatcher(
+            runtime.repo, runtime.services.steering, check_s=config.admin.change_check_s
+        )
+        runtime.watcher = watcher
+        watch_task = tg.create_task(watcher.run(claim_stop), name="changes")
         log.info("throttled_ready", url=runtime.url, pid=os.getpid(), mock=config.hubspot.mock)
         if config.hubspot.mock and sys.stderr.isatty() and config.logging.format != "json":
             print(_try_it(runtime), file=sys.stderr, flush=True)
@@ -409,7 +419,7 @@ async def _run(
                 event.set()
             # The time is up: what still runs (a send waiting on HubSpot, say) is cancelled;
             # the rows it held stay claimed and are recovered at the next start.
-            for task in (ingest_task, claim_task, send_task, maintenance_task):
+            for task in (ingest_task, claim_task, send_task, maintenance_task, watch_task):
                 task.cancel()
     log.info("shutdown_complete")
     return deadline

@@ -60,7 +60,8 @@ class Ingest:
         self._items: list[_Item] = []
         self._wake = asyncio.Event()
         self._closed = False
-        self._queue_ids: dict[str, tuple[int, dict[str, object]]] = {}
+        # queue key -> (id, policy, rate inputs, action definition) as last stored
+        self._queue_ids: dict[str, tuple[int, object, object, int | None]] = {}
         self.batches = 0
         self.rows = 0
 
@@ -203,9 +204,17 @@ class Ingest:
                 list(stale),
                 [a.portal_id for a in stale.values()],
                 [a.policy for a in stale.values()],
+                [a.action_id for a in stale.values()],
+                [a.rate_inputs for a in stale.values()],
             )
             for row in fresh:
-                self._queue_ids[row.key] = (row.id, stale[row.key].policy)
+                action = stale[row.key]
+                self._queue_ids[row.key] = (
+                    row.id,
+                    action.policy,
+                    action.rate_inputs,
+                    action.action_id,
+                )
                 changed.append(row)
         ids = [self._queue_ids[a.queue_key][0] for a in actions]
         if actions:
@@ -213,12 +222,15 @@ class Ingest:
         return set(ids), changed
 
     def _stale(self, actions: list[NewAction]) -> dict[str, NewAction]:
-        """Per queue key, the batch's last action whose queue is new or whose policy changed."""
+        """Per queue key, the batch's last action whose queue is new or whose policy (or
+        what it was resolved from: inputs, action definition) changed. The same policy object
+        means the same inputs: intake hands out one per distinct set of rate fields."""
         return {
             a.queue_key: a
             for a in actions
             if (cached := self._queue_ids.get(a.queue_key)) is None
-            or (cached[1] is not a.policy and cached[1] != a.policy)
+            or cached[3] != a.action_id
+            or (cached[1] is not a.policy and (cached[1] != a.policy or cached[2] != a.rate_inputs))
         }
 
 

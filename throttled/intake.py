@@ -40,22 +40,26 @@ class Intake:
         self._expiry_s = block_expiration_s
         self.action_configs: dict[tuple[int, int], rates.PolicySpec] = dict(action_configs or {})
         self._clock = clock
-        self._policy_cache: dict[tuple[Any, ...], dict[str, Any]] = {}  # keyed on rate fields
+        # (policy, the rate fields it came from), keyed on those fields and the config
+        self._policy_cache: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
 
     def build(self, request: ActionRequest) -> NewAction:
         """The row to store for this request."""
         stored = _stored_fields(request.input_fields)
+        policy, rate_inputs = self._policy(request, stored)
         return NewAction(
             callback_id=request.callback_id,
             queue_key=request.queue_key(),
             portal_id=request.portal_id,
             priority=self._priority(request),
             deadline=min(self._clock() + self._expiry_s, MAX_DEADLINE),
-            policy=self._policy(request, stored),
+            policy=policy,
             workflow_id=request.workflow_id,
             object_type=request.object_type,
             object_id=request.object_id,
             input_fields=stored,
+            action_id=request.action_definition_id,
+            rate_inputs=rate_inputs,
         )
 
     def set_config(self, portal_id: int, action_id: int, spec: rates.PolicySpec | None) -> None:
@@ -67,7 +71,27 @@ class Intake:
             self.action_configs[portal_id, action_id] = spec
         self._policy_cache.clear()
 
-    def _policy(self, request: ActionRequest, stored: dict[str, Any]) -> dict[str, Any]:
+    def replace_configs(self, configs: Mapping[tuple[int, int], rates.PolicySpec]) -> None:
+        """Use exactly these admin configs from now on (another instance changed some)."""
+        self.action_configs = dict(configs)
+        self._policy_cache.clear()
+
+    @property
+    def defaults(self) -> rates.PolicySpec:
+        """The last rate source: the config file's `[defaults]`."""
+        return self._defaults
+
+    def resolve(
+        self, rate_inputs: Mapping[str, Any] | None, admin: rates.PolicySpec | None
+    ) -> dict[str, Any]:
+        """The policy for these rate input fields under this admin config (a queue
+        re-resolved after its config changed)."""
+        spec, _ = rates.parse_input_fields(rate_inputs or {})
+        return rates.resolve([spec, *([admin] if admin else []), self._defaults]).to_json()
+
+    def _policy(
+        self, request: ActionRequest, stored: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         admin = self.action_configs.get((request.portal_id, request.action_definition_id))
         # Keyed on the rate fields given (stored holds them, with priority and queueName),
         # types included: True == 1 and 1.0 == 1, but they do not parse alike.
@@ -84,8 +108,9 @@ class Intake:
         policy = rates.resolve(specs).to_json()
         if len(self._policy_cache) > 10_000:
             self._policy_cache.clear()
-        self._policy_cache[cache_key] = policy
-        return policy
+        inputs = {k: v for k, v in stored.items() if k not in _NOT_RATE}
+        self._policy_cache[cache_key] = (policy, inputs)
+        return policy, inputs
 
     @staticmethod
     def _priority(request: ActionRequest) -> int:

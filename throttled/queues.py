@@ -100,6 +100,24 @@ class QueueState:
     next_at: float = float("inf")  # earliest claim time in the scheduler's heap
     claiming: bool = False  # a claim statement for this queue is in flight
     sent: int = 0
+    paused: bool = False  # an operator holds it: nothing is claimed, nothing kept in a sender
+    releasing: bool = False  # rows an operator released (fail-pending) wait to be completed
+    complete_as: str | None = None  # set on a release's own state: its rows' completion state
+
+
+def release_of(queue: QueueState, state: str) -> QueueState:
+    """The state that carries a queue's released rows (fail-pending) to the senders: its
+    own limiter, which holds nothing back (the portal's budget still does), and nothing
+    charged to the queue's rate."""
+    unlimited = rates.RatePolicy(limit=rates.MAX_LIMIT, period_s=rates.MIN_PERIOD_S)
+    return QueueState(
+        id=queue.id,
+        key=queue.key,
+        portal_id=queue.portal_id,
+        limiter=QueueLimiter(unlimited, key=f"{queue.key} (released)"),
+        stored_policy=unlimited.to_json(),
+        complete_as=state,
+    )
 
 
 def effective_policy(stored: dict[str, Any], override: dict[str, Any] | None) -> rates.RatePolicy:

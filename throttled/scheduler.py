@@ -9,6 +9,7 @@ lookahead, so the rows are in memory when the slot opens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
@@ -21,7 +22,7 @@ import structlog
 from throttled import metrics, rates
 from throttled.aio import Outage, wait_event
 from throttled.db.repository import ClaimedAction, DatabaseError, QueueRow, Repository
-from throttled.queues import QueueLimiter, QueueState, effective_policy
+from throttled.queues import QueueLimiter, QueueState, effective_policy, release_of
 from throttled.sender import Dispatcher, Hooks
 
 log = structlog.get_logger(__name__)
@@ -30,6 +31,9 @@ CLAIM_CHUNK = 1000  # queues per claim statement: bounds how long one pass holds
 MAX_CLAIM_ROWS = 1000  # rows per queue per claim
 GATHER_S = 0.002  # let queues that fall due together claim together
 URGENT_CHUNK = 200  # queues per fast-lane claim
+RELEASE_CHUNK = 500  # released rows (fail-pending) a queue hands its sender at a time
+RELEASE_RECHECK_S = 1.0  # how often a release with rows in backoff looks again
+FAIL_CONTINUE = "FAIL_CONTINUE"
 
 
 class Scheduler(Hooks):
@@ -67,6 +71,8 @@ class Scheduler(Hooks):
         self.claims = 0
         self._started_at = clock()
         self.at_risk: set[int] = set()  # queues whose backlog will outlive its deadline
+        self.releases: dict[int, QueueState] = {}  # queue id -> its release (fail-pending)
+        self._release_wake = asyncio.Event()
         dispatcher.hooks = self
         metrics.ACTIVE_QUEUES.read = lambda: float(sum(q.active for q in self.queues.values()))
         metrics.QUEUES_AT_RISK.read = lambda: float(len(self.at_risk))
@@ -102,12 +108,17 @@ class Scheduler(Hooks):
 
     def dispatched(self, queue: QueueState) -> None:
         """The sender has sent everything it held for this queue: plan its next claim."""
-        if queue.active:
+        if queue.complete_as is not None:
+            self._release_wake.set()
+        elif queue.active:
             self._schedule(queue, self._claim_time(queue, self._clock()))
             self._wake.set()
 
     def retry_at(self, queue: QueueState, at: float) -> None:
         """Rows went back to pending, claimable from `at`."""
+        if queue.complete_as is not None:  # a release: it looks again every second
+            self._release_wake.set()
+            return
         queue.held_until = at if queue.held_until is None else min(queue.held_until, at)
         queue.generation += 1
         queue.active = True
@@ -139,6 +150,84 @@ class Scheduler(Hooks):
             self._schedule(queue, self._claim_time(queue, now))
         log.info("scheduler_recovered", active_queues=len(rows), reclaimed=sum(recovered.values()))
 
+    # -- operator changes (this instance's, or another's through a notification) -----------
+
+    async def refresh(self, queue_ids: Iterable[int]) -> None:
+        """Queue rows an operator changed (rate override, pause, released or retried rows):
+        take them up at once. A paused queue's rows held in a sender go back to pending."""
+        ids = list(queue_ids)
+        rows = await self._repo.get_queues(ids)
+        recalled: list[int] = []
+        for row in rows:
+            if row.id in self.queues:
+                queue = self._track(row)
+                if queue.paused:
+                    recalled += [r.id for r in self._dispatcher.recall(queue)]
+            if row.releasing:
+                self._start_release(row)
+        if recalled:
+            await self._repo.release(recalled)
+        self.notify(ids)
+
+    async def refresh_active(self) -> None:
+        """Track every queue with pending rows that is not tracked yet (rows written by
+        another process: an import)."""
+        rows = await self._repo.active_queues()
+        self.notify([row.id for row in rows if row.id not in self.queues])
+
+    async def refresh_releasing(self) -> None:
+        """Take up every queue with released rows (another process released them)."""
+        for row in await self._repo.releasing_queues():
+            self._start_release(row)
+
+    def _start_release(self, row: QueueRow) -> None:
+        queue = self.queues.get(row.id)
+        if row.id not in self.releases:
+            owner = queue or QueueState(
+                id=row.id,
+                key=row.key,
+                portal_id=row.portal_id,
+                limiter=QueueLimiter(None, key=row.key),
+                stored_policy=row.policy,
+            )
+            self.releases[row.id] = release_of(owner, FAIL_CONTINUE)
+        self._release_wake.set()
+
+    async def _release_loop(self, stop: asyncio.Event) -> None:
+        """Hand released rows (fail-pending) to the senders, a chunk per queue at a time,
+        until none is left; not held to the queue's rate or pause, only the portal's budget."""
+        outage = Outage("release", "release_db_error")
+        while not stop.is_set():
+            self._release_wake.clear()
+            try:
+                await self._release_due()
+            except DatabaseError as exc:
+                await wait_event(stop, outage.failed(exc))
+                continue
+            outage.over()
+            timeout = RELEASE_RECHECK_S if self.releases else None
+            await wait_event(self._release_wake, timeout, stop)
+
+    async def _release_due(self) -> None:
+        if self._unanswered:
+            await self._release_unanswered()
+        for queue_id, release in list(self.releases.items()):
+            if release.in_sender:
+                continue
+            stamp = self._stamp()
+            try:
+                rows = await self._repo.claim_released(queue_id, RELEASE_CHUNK, stamp)
+            except DatabaseError:
+                self._unanswered.append(stamp)
+                raise
+            if rows:
+                self._dispatcher.put(release, rows, self._clock())
+            elif await self._repo.end_release(queue_id):
+                del self.releases[queue_id]
+                if queue_id in self.queues:
+                    self.queues[queue_id].releasing = False
+                log.info("queue_release_done", queue=release.key, sent=release.sent)
+
     def _track(self, row: QueueRow) -> QueueState:
         policy, fault = _safe_policy(row)
         queue = self.queues.get(row.id)
@@ -156,6 +245,9 @@ class Scheduler(Hooks):
             queue.stored_policy, queue.override = row.policy, row.override
             if policy is not None:
                 queue.limiter.set_policy(policy)
+        queue.paused, queue.releasing = row.paused, row.releasing
+        if row.releasing:
+            self._start_release(row)
         if fault is not None:
             queue.limiter.hold(fault)
         return queue
@@ -165,9 +257,14 @@ class Scheduler(Hooks):
     async def run(self, stop: asyncio.Event) -> None:
         """Claim due queues until stopped; up to `concurrent_claims` statements at once, so a
         new action on an idle queue never waits behind a large claim."""
+        releases = asyncio.create_task(self._release_loop(stop), name="release")
         try:
             await self._loop(stop)
         finally:
+            if not stop.is_set():  # the loop failed: the daemon stops (start-up recovers rows)
+                releases.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await releases
             if self._claim_tasks:
                 await asyncio.gather(*self._claim_tasks, return_exceptions=True)
 
@@ -254,8 +351,8 @@ class Scheduler(Hooks):
             if queue is None or queue_id in due:
                 continue
             queue.next_at = float("inf")
-            if not queue.active or queue.in_sender or queue.claiming:
-                continue
+            if not queue.active or queue.in_sender or queue.claiming or queue.paused:
+                continue  # (a paused queue is scheduled again when it resumes)
             slot = queue.limiter.earliest(now)
             if slot - self._lookahead_s > now:
                 if slot != float("inf"):
@@ -291,7 +388,7 @@ class Scheduler(Hooks):
         due: list[tuple[QueueState, float, int]] = []
         while self._fresh and len(due) < URGENT_CHUNK:
             _, queue = self._fresh.popitem()
-            if not queue.active or queue.in_sender or queue.claiming:
+            if not queue.active or queue.in_sender or queue.claiming or queue.paused:
                 continue
             slot = queue.limiter.earliest(now)
             if slot - self._lookahead_s <= now:
@@ -357,7 +454,12 @@ class Scheduler(Hooks):
             for row in rows:
                 by_queue[row.queue_id].append(row)
             short: list[QueueState] = []
+            paused = [r.id for q, _, _ in chunk if q.paused for r in by_queue.pop(q.id, ())]
+            if paused:  # paused while the claim was under way: the rows wait, unsent
+                await self._repo.release(paused)
             for queue, slot, want in chunk:
+                if queue.paused:
+                    continue
                 got = sorted(by_queue.get(queue.id, ()), key=lambda r: (-r.priority, r.id))
                 if got:
                     self._dispatcher.put(queue, got, slot, urgent=urgent)

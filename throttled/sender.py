@@ -313,6 +313,21 @@ class PortalSender:
                 return n, now
         return n, next_due
 
+    def recall(self, queue: QueueState) -> list[ClaimedAction]:
+        """Remove and return the rows held here for one queue (it was paused)."""
+        mine = [b for _, _, b in self._heap if b.queue is queue]
+        mine += [b for _, b in self._urgent if b.queue is queue]
+        if not mine:
+            return []
+        self._heap = [e for e in self._heap if e[2].queue is not queue]
+        heapq.heapify(self._heap)
+        self._urgent = [e for e in self._urgent if e[1].queue is not queue]
+        rows = [r for b in mine for r in b.rows]
+        for b in mine:
+            b.rows.clear()
+        queue.in_sender -= len(rows)
+        return rows
+
     def drain_rows(self) -> list[ClaimedAction]:
         """Remove and return every row still held (on shutdown, to release them)."""
         batches = [b for _, _, b in self._heap] + [b for _, b in self._urgent]
@@ -364,6 +379,7 @@ class PortalSender:
         taken: list[tuple[QueueState, ClaimedAction]] = []
         expired: list[ClaimedAction] = []
         group: int | None = None
+        state: str | None = None  # one completion state per request
         skipped: list[tuple[float, _Batch]] = []
         margin = self._d.margin_s
         if self._urgent:  # rows of queues waking from idle go first, then the rest by due time
@@ -379,8 +395,8 @@ class PortalSender:
                 self._settled(queue, 0)
                 continue
             if not taken:
-                group = batch.rows[0].split_group
-            if batch.rows[0].split_group != group:
+                group, state = batch.rows[0].split_group, queue.complete_as
+            if batch.rows[0].split_group != group or queue.complete_as != state:
                 skipped.append((due, batch))
                 continue
             n = min(queue.limiter.allowance(at), room, _run_length(batch.rows, group))
@@ -425,7 +441,8 @@ class PortalSender:
         self, rows: list[tuple[QueueState, ClaimedAction]], at: float, token: str
     ) -> _Outcome:
         d = self._d
-        body = d.client.completion_body([r.callback_id for _, r in rows])
+        state = rows[0][0].complete_as or "SUCCESS"  # (_fill puts one state in a request)
+        body = d.client.completion_body([r.callback_id for _, r in rows], state)
         sent = [at + d.margin_s]  # the instant charged to the limiters, and stored
 
         def on_sent() -> None:
@@ -586,7 +603,8 @@ def _sends(
 ) -> list[tuple[int, float, int]]:
     counts: dict[int, int] = {}
     for queue, _ in rows:
-        counts[queue.id] = counts.get(queue.id, 0) + 1
+        if queue.complete_as is None:  # (a release is not held to, nor charged to, the rate)
+            counts[queue.id] = counts.get(queue.id, 0) + 1
     return [(qid, at, n) for qid, n in counts.items()]
 
 
@@ -688,6 +706,11 @@ class Dispatcher:
     ) -> None:
         """Hand claimed rows to their portal's sender."""
         self._sender(queue.portal_id).put(queue, rows, at, urgent=urgent)
+
+    def recall(self, queue: QueueState) -> list[ClaimedAction]:
+        """Take back the rows a sender holds for this queue, unsent (it was paused)."""
+        sender = self._senders.get(queue.portal_id)
+        return [] if sender is None else sender.recall(queue)
 
     def expire(self, rows: list[ClaimedAction]) -> None:
         """Rows whose block expired while claimed: never sent."""

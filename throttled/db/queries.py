@@ -34,13 +34,18 @@ def _next(counter: str, step: str = "1") -> str:
 # for clocks a little apart, as several instances' may be).
 _SOON = "now() + interval '1 second'"
 
+# A queue as the scheduler tracks it.
+_QUEUE_COLUMNS = f"""id, key, portal_id, policy, override, {_CREATED},
+    paused_at IS NOT NULL AS paused, releasing"""
+
 # -- intake ---------------------------------------------------------------------------------
 
 UPSERT_QUEUES = f"""
-INSERT INTO queues (key, portal_id, policy)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[])
-ON CONFLICT (key) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()
-RETURNING id, key, portal_id, policy, override, {_CREATED}
+INSERT INTO queues (key, portal_id, policy, action_id, inputs)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[], $4::bigint[], $5::jsonb[])
+ON CONFLICT (key) DO UPDATE SET policy = EXCLUDED.policy, action_id = EXCLUDED.action_id,
+    inputs = EXCLUDED.inputs, updated_at = now()
+RETURNING {_QUEUE_COLUMNS}
 """
 
 STORED_CALLBACKS = "SELECT callback_id FROM actions WHERE callback_id = ANY($1::text[])"
@@ -69,7 +74,7 @@ WITH req AS (
         SELECT a.id FROM actions a
         WHERE a.queue_id = req.queue_id AND a.state = 'pending'
           AND (a.not_before IS NULL OR a.not_before <= now())
-          AND a.deadline > now()
+          AND a.deadline > now() AND a.complete_as IS NULL
         ORDER BY a.priority DESC, a.id
         LIMIT req.lim
         FOR UPDATE SKIP LOCKED
@@ -94,13 +99,40 @@ GROUP BY queue_id
 """
 
 ACTIVE_QUEUES = f"""
-SELECT q.id, q.key, q.portal_id, q.policy, q.override, {_readable("q.created_at")} AS created_at
-FROM queues q
+SELECT {_QUEUE_COLUMNS} FROM queues q
 WHERE EXISTS (SELECT 1 FROM actions a WHERE a.queue_id = q.id AND a.state = 'pending')
 """
 
-GET_QUEUES = f"""
-SELECT id, key, portal_id, policy, override, {_CREATED} FROM queues WHERE id = ANY($1::bigint[])
+GET_QUEUES = f"SELECT {_QUEUE_COLUMNS} FROM queues WHERE id = ANY($1::bigint[])"
+
+RELEASING_QUEUES = f"SELECT {_QUEUE_COLUMNS} FROM queues WHERE releasing"
+
+# Rows an operator released (fail-pending) go regardless of the queue's rate and pause.
+CLAIM_RELEASED = f"""
+WITH picked AS (
+    SELECT a.id FROM actions a
+    WHERE a.queue_id = $1 AND a.state = 'pending' AND a.complete_as IS NOT NULL
+      AND (a.not_before IS NULL OR a.not_before <= now()) AND a.deadline > now()
+    ORDER BY a.priority DESC, a.id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE actions a SET state = 'claimed', claimed_at = $3
+FROM picked WHERE a.id = picked.id
+RETURNING a.id, a.callback_id, a.queue_id, a.portal_id, a.priority,
+          {_readable("a.deadline")} AS deadline, {_count("a.attempts")} AS attempts,
+          {_count("a.failures")} AS failures, a.split_group
+"""
+
+# The release is over once no released row is pending (one waiting out a backoff still is).
+END_RELEASE = """
+UPDATE queues q SET releasing = false
+WHERE q.id = $1 AND NOT EXISTS (
+    SELECT 1 FROM actions a
+    WHERE a.queue_id = q.id AND a.state IN ('pending', 'claimed') AND a.complete_as IS NOT NULL
+      AND a.deadline > now()
+)
+RETURNING q.id
 """
 
 # -- results --------------------------------------------------------------------------------
@@ -168,7 +200,7 @@ SELECT queue_id, count(*)::int AS n FROM r GROUP BY queue_id
 
 RECENT_SENDS = f"""
 SELECT queue_id, LEAST(sent_at, {_SOON}) AS sent_at, count(*)::int AS n FROM actions
-WHERE sent_at > $1 AND state IN ('done', 'failed')
+WHERE sent_at > $1 AND state IN ('done', 'failed') AND complete_as IS NULL
 GROUP BY queue_id, sent_at
 UNION ALL
 SELECT queue_id, LEAST(sent_at, {_SOON}), LEAST(n, 1000000) FROM queue_sends
@@ -178,6 +210,7 @@ WHERE sent_at > $1 AND n > 0
 RECENT_SENDS_FOR = f"""
 SELECT queue_id, LEAST(sent_at, {_SOON}) AS sent_at, count(*)::int AS n FROM actions
 WHERE queue_id = ANY($2::bigint[]) AND sent_at > $1 AND state IN ('done', 'failed')
+  AND complete_as IS NULL
 GROUP BY queue_id, sent_at
 UNION ALL
 SELECT queue_id, LEAST(sent_at, {_SOON}), LEAST(n, 1000000) FROM queue_sends
@@ -399,7 +432,7 @@ DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log WHERE at < $1 LIMIT 
 GET_ACTION = f"""
 SELECT a.id, a.callback_id, a.state, a.portal_id, a.queue_id, left(q.key, 300) AS queue_key,
        a.priority, {_count("a.attempts")} AS attempts, {_count("a.failures")} AS failures,
-       left(a.last_error, 500) AS last_error,
+       left(a.last_error, 500) AS last_error, a.complete_as,
        {_readable("a.received_at")} AS received_at,
        {_readable("a.claimed_at", nullable=True)} AS claimed_at,
        {_readable("a.sent_at", nullable=True)} AS sent_at,

@@ -14,6 +14,7 @@ import asyncpg
 import orjson
 
 from throttled.db import queries as q
+from throttled.db.operator import OperatorQueries
 
 
 class DatabaseError(Exception):
@@ -72,6 +73,8 @@ class NewAction:
     object_type: str | None
     object_id: str | None
     input_fields: dict[str, Any]
+    action_id: int | None = None  # the action definition (a config's key, with the portal)
+    rate_inputs: dict[str, Any] | None = None  # the rate fields the policy was resolved from
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -104,6 +107,8 @@ class QueueRow:
     policy: dict[str, Any]
     override: dict[str, Any] | None
     created_at: datetime
+    paused: bool = False  # an operator holds it: nothing is claimed
+    releasing: bool = False  # rows an operator released (fail-pending) wait to be completed
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> QueueRow:
@@ -230,7 +235,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     transaction is still rolled back by the pool itself."""
 
 
-class Repository:
+class Repository(OperatorQueries):
     """All queries throttled issues, over one asyncpg pool (or one connection of it: held)."""
 
     def __init__(
@@ -277,6 +282,13 @@ class Repository:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(pool.close(), 10.0)
 
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Repository]:
+        """The same queries in one transaction, for the life of the block."""
+        with translate_errors():
+            async with self.pool.acquire() as conn, conn.transaction():
+                yield Repository(self.pool, conn)
+
     async def _execute(self, sql: str, *args: Any) -> str:
         with translate_errors():
             target = self.pool if self._conn is None else self._conn
@@ -294,10 +306,18 @@ class Repository:
     # -- intake -----------------------------------------------------------------------------
 
     async def upsert_queues(
-        self, keys: Sequence[str], portals: Sequence[int], policies: Sequence[dict[str, Any]]
+        self,
+        keys: Sequence[str],
+        portals: Sequence[int],
+        policies: Sequence[dict[str, Any]],
+        action_ids: Sequence[int | None] | None = None,
+        inputs: Sequence[dict[str, Any] | None] | None = None,
     ) -> list[QueueRow]:
-        """Create or update queues; return their rows."""
-        rows = await self._fetch(q.UPSERT_QUEUES, keys, portals, policies)
+        """Create or update queues, with what each policy was resolved from; their rows."""
+        none = [None] * len(keys)
+        rows = await self._fetch(
+            q.UPSERT_QUEUES, keys, portals, policies, action_ids or none, inputs or none
+        )
         return [QueueRow.from_row(r) for r in rows]
 
     async def stored_callbacks(self, callback_ids: Sequence[str]) -> set[str]:
@@ -336,6 +356,21 @@ class Repository:
         `stamp` (unique per claim) is stored as their claimed_at: see release_unanswered."""
         rows = await self._fetch(q.CLAIM, queue_ids, limits, stamp)
         return [ClaimedAction.from_row(r) for r in rows]
+
+    async def claim_released(
+        self, queue_id: int, limit: int, stamp: datetime
+    ) -> list[ClaimedAction]:
+        """Claim rows an operator released (fail-pending), regardless of the queue's rate."""
+        rows = await self._fetch(q.CLAIM_RELEASED, queue_id, limit, stamp)
+        return [ClaimedAction.from_row(r) for r in rows]
+
+    async def releasing_queues(self) -> list[QueueRow]:
+        """Queues with released rows (fail-pending) to complete."""
+        return [QueueRow.from_row(r) for r in await self._fetch(q.RELEASING_QUEUES)]
+
+    async def end_release(self, queue_id: int) -> bool:
+        """Mark a queue's release over if no released row is left; whether it is over."""
+        return bool(await self._fetch(q.END_RELEASE, queue_id))
 
     async def release_unanswered(self, stamps: Sequence[datetime]) -> list[int]:
         """Put back to pending the rows of claims that raised (they may have committed, the

@@ -20,6 +20,8 @@ Endpoints:
   v3, body-only parameters, errors as RFC 6749 ``error``/``error_description`` plus the v1
   ``status``/``message``/``correlationId``.
 - ``POST /automation/v4/actions/callbacks/complete`` and ``.../{callbackId}/complete``.
+- ``POST /automation/v4/actions/{appId}`` (``hapikey``): action definitions, see
+  ``fake_definitions``.
 
 Behaviour HubSpot leaves undocumented (see docs hubspot-api.md) is chosen here as follows:
 
@@ -74,6 +76,8 @@ from typing import Any, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
+
+from throttled.hubspot.fake_definitions import FakeDefinitions
 
 MAX_BATCH_INPUTS = 100
 EXECUTION_STATES = frozenset({"SUCCESS", "FAIL_CONTINUE"})
@@ -208,6 +212,7 @@ class FakeHubSpot:
         self.token_names_portal = True
         self.daily_limit: int | None = DAILY_LIMIT
         self.base_url: str | None = None
+        self.definitions = FakeDefinitions(app_id=FAKE_APP_ID)
         self._client_id = client_id
         self._client_secret = client_secret
         self._token_ttl_s = token_ttl_s
@@ -246,6 +251,7 @@ class FakeHubSpot:
         app.router.add_post(f"/oauth/{_V3}/token", self._token_v3)
         app.router.add_post(f"/oauth/{_V3}/token/introspect", self._introspect)
         app.router.add_post("/oauth/{version}/token/revoke", self._revoke)
+        self.definitions.add_routes(app)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:

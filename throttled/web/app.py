@@ -17,7 +17,7 @@ from throttled.db.repository import DatabaseError, DatabaseUnavailable, NewActio
 from throttled.hubspot import signature
 from throttled.hubspot.action import PayloadError, parse
 from throttled.ingest import Overloaded, Stopping
-from throttled.web import actions_api, audit_api, config_api, oauth, portals
+from throttled.web import actions_api, audit_api, config_api, oauth, openapi, portals, queues_api
 from throttled.web.admin import admin_only
 from throttled.web.services import SERVICES, Services, clip, error, storage_unavailable
 
@@ -272,7 +272,8 @@ def make_app(services: Services) -> web.Application:
     def admin(handler: Handler) -> Handler:
         return guarded(admin_only(handler, lambda request: request.app[SERVICES].admin, error))
 
-    # Token-free: the action endpoint (signed), the OAuth flow (its state), health and metrics.
+    # Token-free: the action endpoint (signed), the OAuth flow (its state), health, metrics and
+    # the OpenAPI document (it holds no secrets).
     routes: list[tuple[str, str, Handler]] = [
         ("POST", "/api/hubspot/action", handle_action),
         ("GET", "/api/oauth/authorize", guarded(oauth.authorize)),
@@ -283,6 +284,14 @@ def make_app(services: Services) -> web.Application:
         ("DELETE", "/api/config/{portal_id}/{action_id}", admin(config_api.delete_config)),
         ("GET", "/api/audit", admin(audit_api.list_audit)),
         ("GET", "/api/actions/{callback_id}", admin(actions_api.show_action)),
+        ("GET", "/api/queues", admin(queues_api.list_queues)),
+        ("GET", "/api/queues/{id}", admin(queues_api.get_queue)),
+        ("POST", "/api/queues/{id}/pause", admin(queues_api.pause)),
+        ("POST", "/api/queues/{id}/resume", admin(queues_api.resume)),
+        ("PUT", "/api/queues/{id}/rate", admin(queues_api.set_rate)),
+        ("DELETE", "/api/queues/{id}/rate", admin(queues_api.clear_rate)),
+        ("POST", "/api/queues/{id}/retry-failed", admin(queues_api.retry_failed)),
+        ("POST", "/api/queues/{id}/fail-pending", admin(queues_api.fail_pending)),
         ("GET", "/api/portals", admin(portals.list_portals)),
         ("GET", "/api/portals/{id}", admin(portals.show_portal)),
         ("POST", "/api/portals/{id}/test", admin(portals.test_portal)),
@@ -290,6 +299,7 @@ def make_app(services: Services) -> web.Application:
         ("GET", "/healthz", guarded(handle_healthz)),
         ("GET", "/readyz", guarded(handle_readyz)),
         ("GET", "/metrics", guarded(handle_metrics)),
+        ("GET", openapi.PATH, guarded(openapi.serve)),
     ]
     known: list[web.AbstractResource] = []
     for method, path, handler in routes:

@@ -58,31 +58,21 @@ _RATE_FIELDS = (
 )
 
 
-class ThrottleConfig(BaseModel):
-    """A (portal, action definition) rate: the original's five fields, plus pacing and a
-    release schedule. Each rate field is checked by the rules intake applies, on its own
-    (beside good values for the rest), so that every bad field is named at once."""
+class RateFields(BaseModel):
+    """The rate fields of a config or an override, named as in the original's API. Each is
+    checked by the rules intake applies, on its own (beside good values for the rest), so
+    that every bad field is named at once."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    portal_id: Numeric
-    action_id: Numeric
-    max_throughput: Numeric
-    time_period: Numeric = Field(default=1)
-    time_unit: Unit = "seconds"
+    max_throughput: Numeric | None = None
+    time_period: Numeric | None = None
+    time_unit: Unit | None = None
     pacing: Literal["window", "even"] | None = None
     release_days: Text | None = None
     release_hours: Text | None = None
     timezone: Text | None = None
     start_at: Text | None = None
-
-    @field_validator("portal_id", "action_id")
-    @classmethod
-    def _an_id(cls, value: int | str) -> int:
-        number = int(value)
-        if not 1 <= number <= MAX_ID:
-            raise ValueError(f"must be an integer 1..{MAX_ID}")
-        return number
 
     @field_validator(*_RATE_FIELDS)
     @classmethod
@@ -94,19 +84,6 @@ class ThrottleConfig(BaseModel):
             except (ValueError, ArithmeticError) as exc:
                 raise ValueError(_message(exc, name)) from None
         return value
-
-    @model_validator(mode="after")
-    def _a_rate(self) -> ThrottleConfig:
-        try:
-            rates.resolve([rates.spec_from_mapping(self.policy(), where="config")])
-        except (ValueError, ArithmeticError) as exc:
-            text = " ".join(str(exc).split())
-            named = re.match(r"config\.([a-z_]+): ", text)
-            field = named.group(1) if named and named.group(1) in _RATE_FIELDS else "time_period"
-            raise PydanticCustomError(
-                "rate", "{field}: {message}", {"field": field, "message": _message(exc, field)}
-            ) from None
-        return self
 
     def policy(self) -> dict[str, Any]:
         """The rate fields given, as stored: numbers as integers, text stripped, blank text
@@ -121,6 +98,38 @@ class ThrottleConfig(BaseModel):
             if value is not None and value != "":
                 out[key] = value
         return out
+
+
+class ThrottleConfig(RateFields):
+    """A (portal, action definition) rate: the original's five fields, plus pacing and a
+    release schedule."""
+
+    portal_id: Numeric
+    action_id: Numeric
+    max_throughput: Numeric
+    time_period: Numeric = Field(default=1)
+    time_unit: Unit = "seconds"
+
+    @field_validator("portal_id", "action_id")
+    @classmethod
+    def _an_id(cls, value: int | str) -> int:
+        number = int(value)
+        if not 1 <= number <= MAX_ID:
+            raise ValueError(f"must be an integer 1..{MAX_ID}")
+        return number
+
+    @model_validator(mode="after")
+    def _a_rate(self) -> ThrottleConfig:
+        try:
+            rates.resolve([rates.spec_from_mapping(self.policy(), where="config")])
+        except (ValueError, ArithmeticError) as exc:
+            text = " ".join(str(exc).split())
+            named = re.match(r"config\.([a-z_]+): ", text)
+            field = named.group(1) if named and named.group(1) in _RATE_FIELDS else "time_period"
+            raise PydanticCustomError(
+                "rate", "{field}: {message}", {"field": field, "message": _message(exc, field)}
+            ) from None
+        return self
 
 
 def _problems(exc: ValidationError) -> list[dict[str, str]]:
@@ -186,8 +195,9 @@ def _view(portal: int, action: int, policy: Any) -> dict[str, Any]:
     }
 
 
-async def set_config(request: web.Request) -> web.Response:
-    """POST /api/config: create or update one config; answers the stored config."""
+async def read_json(request: web.Request) -> Any:
+    """An admin request's JSON body (uncompressed, at most MAX_BODY_BYTES, each key once,
+    in time), or the error response to answer instead."""
     services = request.app[SERVICES]
     coding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if coding not in ("identity", ""):
@@ -205,27 +215,29 @@ async def set_config(request: web.Request) -> web.Response:
     if len(raw) > MAX_BODY_BYTES:
         return too_large
     try:
-        body = json.loads(raw, object_pairs_hook=_no_duplicates)
+        return json.loads(raw, object_pairs_hook=_no_duplicates)
     except _Duplicate as exc:
         return error(
-            422, "invalid_config", str(exc), fields=[{"field": exc.key, "message": str(exc)}]
+            422, "invalid_body", str(exc), fields=[{"field": exc.key, "message": str(exc)}]
         )
     except (ValueError, RecursionError):
         return error(400, "invalid_json", "the body is not JSON", field="body")
+
+
+async def set_config(request: web.Request) -> web.Response:
+    """POST /api/config: create or update one config; answers the stored config."""
+    services = request.app[SERVICES]
+    body = await read_json(request)
+    if isinstance(body, web.Response):
+        return body
     checked = validate(body)
     if isinstance(checked, list):
         return _invalid(checked)
     portal, action, policy = checked
-    async with services.config_lock:
-        try:
-            before = await services.repo.get_action_config(portal, action)
-            await services.repo.set_action_config(portal, action, policy)
-            await services.repo.add_audit(
-                actor(request), "config.set", f"config:{portal}:{action}", before, policy
-            )
-        except DatabaseError:
-            return storage_unavailable(request.app[SERVICES])
-        services.intake.set_config(portal, action, rates.spec_from_mapping(policy, where="config"))
+    try:
+        await services.steering.set_config(actor(request), portal, action, policy)
+    except DatabaseError:
+        return storage_unavailable(request.app[SERVICES])
     return web.json_response(_view(portal, action, policy))
 
 
@@ -261,18 +273,12 @@ async def delete_config(request: web.Request) -> web.Response:
     ids = _path_ids(request)
     if isinstance(ids, web.Response):
         return ids
-    async with services.config_lock:
-        try:
-            before = await services.repo.get_action_config(*ids)
-            deleted = await services.repo.delete_action_config(*ids)
-            if deleted:
-                target = f"config:{ids[0]}:{ids[1]}"
-                await services.repo.add_audit(actor(request), "config.delete", target, before)
-        except DatabaseError:
-            return storage_unavailable(request.app[SERVICES])
-        if not deleted:
-            return error(404, "config_not_found", f"no config for portal {ids[0]}, action {ids[1]}")
-        services.intake.set_config(*ids, None)
+    try:
+        deleted = await services.steering.set_config(actor(request), *ids, None)
+    except DatabaseError:
+        return storage_unavailable(request.app[SERVICES])
+    if not deleted:
+        return error(404, "config_not_found", f"no config for portal {ids[0]}, action {ids[1]}")
     return web.json_response({"portal_id": ids[0], "action_id": ids[1], "deleted": True})
 
 

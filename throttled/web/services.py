@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -15,6 +14,7 @@ from throttled.config import Config
 from throttled.db.repository import Repository
 from throttled.ingest import Ingest
 from throttled.intake import Intake
+from throttled.steering import Steering
 from throttled.tokens import Tokens
 from throttled.web.admin import AdminAuth
 
@@ -35,9 +35,8 @@ class Services:
     admin: AdminAuth
     auth_base_url: str
     clock: Callable[[], float]
+    steering: Steering
     stopping: bool = False
-    # config writes one at a time, so that memory and the database end the same
-    config_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def block_body(self) -> bytes:
