@@ -10,8 +10,17 @@ from typing import Any
 
 import psycopg
 
-from tests.conftest import Daemon, action_payload, make_config, running, wait_for
+from tests.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    Daemon,
+    action_payload,
+    make_config,
+    running,
+    wait_for,
+)
 from tests.test_rates import max_window_count
+from throttled.hubspot.fake import FakeHubSpot
 
 TOKEN = "queue-ops-admin-token-0123456789"
 ADMIN = {"admin": {"tokens": [{"id": "ops", "token": TOKEN}]}}
@@ -253,3 +262,98 @@ async def test_the_listing_filters_sorts_and_pages(daemon_factory, fake_hubspot)
 def _states(db_url: str) -> dict[str, int]:
     with psycopg.connect(db_url) as conn:
         return dict(conn.execute("SELECT state, count(*) FROM actions GROUP BY state").fetchall())
+
+
+async def test_fail_pending_takes_back_the_rows_a_sender_holds(daemon_factory, fake_hubspot):
+    # claimed far ahead: every row is in the sender, none pending, when fail-pending comes
+    sender = {"claim_ahead_s": 30.0, "lookahead_s": 5.0}
+    async with daemon_factory(**ADMIN, sender=sender) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        ids = await enqueue(daemon, 20, {"maxThroughput": "1", "timeUnit": "seconds"})
+        await wait_for(lambda: done(fake_hubspot, ids) == 1)
+        status, answer = await call(daemon, "POST", "/api/queues/1/fail-pending", {"confirm": True})
+        assert status == 200, answer
+        await wait_for(lambda: done(fake_hubspot, ids) == 20, timeout=10)
+        states = [fake_hubspot.completed[cid][1]["hs_execution_state"] for cid in ids]
+        assert states.count("FAIL_CONTINUE") == answer["released"] >= 17
+
+
+async def test_retried_released_rows_are_released_again(daemon_factory, fake_hubspot, db_url):
+    async with daemon_factory(**ADMIN) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        ids = await enqueue(daemon, 4, {"maxThroughput": "1", "timeUnit": "days"})
+        await wait_for(lambda: done(fake_hubspot, ids) == 1)
+        rest = [cid for cid in ids if cid not in fake_hubspot.completed]
+        fake_hubspot.reject_callbacks(rest)
+        assert (await call(daemon, "POST", "/api/queues/1/fail-pending", {"confirm": True}))[
+            0
+        ] == 200
+        await wait_for(lambda: _states(db_url) == {"done": 1, "failed": 3})
+        await wait_for(lambda: not daemon.runtime.scheduler.releases)  # the release ended
+        fake_hubspot._rejected.clear()
+        status, body = await call(daemon, "POST", "/api/queues/1/retry-failed")
+        assert (status, body["retried"]) == (200, 3)
+        await wait_for(lambda: done(fake_hubspot, ids) == 4)
+        assert {fake_hubspot.completed[cid][1]["hs_execution_state"] for cid in rest} == {
+            "FAIL_CONTINUE"
+        }
+
+
+async def test_a_view_never_holds_the_queue_it_shows(daemon_factory, fake_hubspot, db_url):
+    async with daemon_factory(**ADMIN) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        ids = await enqueue(daemon, 12, {"maxThroughput": "4", "timeUnit": "seconds"})
+        await wait_for(lambda: done(fake_hubspot, ids) >= 1)
+        with psycopg.connect(db_url, autocommit=True) as conn:  # an override edited by hand
+            conn.execute("""UPDATE queues SET override = '{"max_throughput": []}'""")
+            conn.execute("UPDATE change_counter SET version = version + 1")
+        for _ in range(3):
+            status, page = await call(daemon, "GET", "/api/queues")
+            assert status == 200, page
+            assert page["queues"][0]["state"] != "held"
+            await call(daemon, "GET", "/api/queues/1")
+        await wait_for(lambda: done(fake_hubspot, ids) == 12)
+        assert daemon.runtime.scheduler.queues[1].limiter.fault is None
+
+
+async def test_odd_confirmations_keys_and_cursors_are_4xx(daemon_factory):
+    async with daemon_factory(**ADMIN) as daemon:
+        for confirm in (1, 1.0, "yes", None, [True]):
+            status, body = await call(
+                daemon, "POST", "/api/queues/1/fail-pending", {"confirm": confirm}
+            )
+            assert (status, body["error"]) == (422, "confirmation_required"), confirm
+        for ident in ("queue:%00", "queue%3A%00x", "queue:%0A"):
+            status, body = await call(daemon, "GET", f"/api/queues/{ident}")
+            assert (status, body["error"]) == (404, "queue_not_found"), ident
+        import base64
+
+        for raw in (b"[NaN, 1]", b"[Infinity, 1]", b"[1e400, 1]", b"[1, -1]"):
+            cursor = base64.urlsafe_b64encode(raw).decode()
+            status, body = await call(daemon, "GET", f"/api/queues?cursor={cursor}")
+            assert (status, body["field"]) == (400, "cursor"), raw
+        good = base64.urlsafe_b64encode(b"[1, 2]").decode()
+        status, _ = await call(daemon, "GET", f"/api/queues?cursor={good}garbage")
+        assert status == 400
+
+
+async def test_fail_pending_stays_within_the_portals_api_budget(db_url):
+    """HubSpot allows this portal 3 requests a second: the release fills requests of 5 and
+    never goes past it (the fake answers 429 to any request beyond its budget)."""
+    fake = FakeHubSpot(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, portal_budget=(3, 1.0))
+    await fake.start()
+    try:
+        sender = {"portal_requests": 3, "portal_interval_seconds": 1.0, "batch_size": 5}
+        cfg = make_config(db_url, fake.base_url, **ADMIN, sender=sender)
+        async with running(cfg) as daemon:
+            await daemon.connect_portal(fake, PORTAL)
+            ids = await enqueue(daemon, 41, {"maxThroughput": "1", "timeUnit": "days"})
+            await wait_for(lambda: done(fake, ids) == 1)
+            answer = await call(daemon, "POST", "/api/queues/1/fail-pending", {"confirm": True})
+            assert answer[1]["released"] == 40
+            await wait_for(lambda: done(fake, ids) == 41)
+        assert [r.status for r in fake.received if r.status == 429] == []
+        assert max_window_count([r.at for r in fake.received], 1.0) <= 3
+        assert max(len(r.callback_ids) for r in fake.received) == 5
+    finally:
+        await fake.close()

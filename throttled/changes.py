@@ -9,6 +9,7 @@ import contextlib
 import json
 from typing import Any
 
+import asyncpg
 import structlog
 
 from throttled.aio import Outage, wait_event
@@ -38,13 +39,11 @@ class ChangeWatcher:
         outage = Outage("changes", "change_watch_failed")
         while not stop.is_set():
             try:
-                await self._listen(stop)
+                await self._listen(stop, outage)
             except DatabaseError as exc:
                 await wait_event(stop, outage.failed(exc))
-                continue
-            outage.over()
 
-    async def _listen(self, stop: asyncio.Event) -> None:
+    async def _listen(self, stop: asyncio.Event, outage: Outage) -> None:
         with translate_errors():
             conn = await self._repo.pool.acquire()
         try:
@@ -52,6 +51,7 @@ class ChangeWatcher:
                 await conn.add_listener(CHANNEL, self._received)
             try:
                 await self._catch_up()  # (what changed while nobody listened)
+                outage.over()  # listening again: a later loss backs off from the start
                 await self._loop(stop, conn)
             finally:
                 with contextlib.suppress(Exception):
@@ -63,10 +63,12 @@ class ChangeWatcher:
     async def _loop(self, stop: asyncio.Event, conn: Any) -> None:
         while not stop.is_set():
             self._wake.clear()
-            with translate_errors():  # (a proxy the pool took back raises InterfaceError)
+            try:
                 closed = conn.is_closed()
+            except asyncpg.InterfaceError:  # (a proxy the pool took back after a loss)
+                closed = True
             if closed:
-                raise DatabaseError("the listening connection closed")
+                raise DatabaseError("the listening connection was lost")
             inbox, self._inbox = self._inbox, []
             for change in inbox:
                 await self._apply(change)

@@ -152,12 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--per-queue", type=_int_in(1, 10_000), default=30, help="actions per queue (1..10000)"
     )
-    from throttled import cli_definition, cli_import, cli_portals  # (they import this module)
+    # (these modules import this one's helpers: imported here, once it is loaded)
+    from throttled import cli_definition, cli_import, cli_ops, cli_portals
 
-    cli_portals.add_commands(sub)
-
-    cli_import.add_commands(sub)
-    cli_definition.add_commands(sub)
+    for module in (cli_portals, cli_import, cli_definition, cli_ops):
+        module.add_commands(sub)
     return parser
 
 

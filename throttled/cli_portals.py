@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from throttled import logs
-from throttled.cli import MAX_PORTAL_ID, _config, _Fatal, _int_in
+from throttled.cli import MAX_PORTAL_ID, _config, _Fatal, _int_in, cli_actor
 from throttled.hubspot.oauth import MAX_TOKEN_CHARS, valid_token
 
 if TYPE_CHECKING:
@@ -403,7 +403,12 @@ def _disconnect(args: argparse.Namespace) -> int:
             )
             if revocation == "requested":
                 revocation = "confirmed" if revoked else "failed"
-            return _disconnected(pid, revoked, revocation)
+            body = _disconnected(pid, revoked, revocation)
+            after = {k: body[k] for k in ("connection", "revoked", "revocation")}
+            await repo.add_audit(
+                cli_actor(), "portal.disconnect", f"portal:{pid}", {"connection": row.status}, after
+            )
+            return body
 
     body = asyncio.run(run())
     if args.json:
@@ -470,8 +475,15 @@ def _connect(args: argparse.Namespace) -> int:
     token = _refresh_token(args)
 
     async def run() -> None:
-        async with _tokens(cfg) as (_, tokens):
-            await tokens.connect(args.portal_id, token)
+        pid: int = args.portal_id
+        async with _tokens(cfg) as (repo, tokens):
+            row = await repo.get_portal(pid)
+            await tokens.connect(pid, token)
+            before = None if row is None else {"connection": row.status}
+            # (never the token: what changed is that one is stored)
+            await repo.add_audit(
+                cli_actor(), "portal.connect", f"portal:{pid}", before, {"connection": "connected"}
+            )
 
     asyncio.run(run())
     print(f"portal {args.portal_id} connected (refresh token stored encrypted)")
@@ -541,6 +553,19 @@ def _reencrypt(
     return (new[0], new[1]) if changed else None
 
 
+def _rotated(keyring: KeyRing, total: _Rotation) -> dict[str, Any]:
+    """A rotation for the audit log: key ids (sha256 prefixes, not keys) and counts."""
+    from throttled.crypto import key_id
+
+    return {
+        "key_id": keyring.primary_id,
+        "previous_key_ids": [key_id(k) for k in keyring.previous],
+        "rotated": total.rotated,
+        "current": total.current,
+        "unreadable": len(total.unreadable),
+    }
+
+
 def _keys_rotate(args: argparse.Namespace) -> int:
     from throttled.daemon import keyring_for
     from throttled.db.repository import DatabaseError
@@ -566,8 +591,9 @@ def _keys_rotate(args: argparse.Namespace) -> int:
                 total.add(batch)  # (committed)
                 seen = batch.rotated + batch.current + len(batch.unreadable)
                 if last is None or seen < args.batch_size:
-                    return
+                    break
                 after = last
+            await repo.add_audit(cli_actor(), "keys.rotate", "keys", None, _rotated(keyring, total))
 
     asyncio.run(run())
     bad = total.unreadable

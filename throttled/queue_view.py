@@ -114,16 +114,16 @@ def queue_view(
     """One queue's view. `live` is the daemon's own state of it (its limiter knows what was
     sent recently); without it (the CLI) the estimate starts from an empty rate window."""
     stats = stats or QueueStats()
-    fault: str | None = None
-    try:
-        if not isinstance(detail.policy, dict):
-            raise ValueError("stored policy cannot be read")
-        policy: rates.RatePolicy | None = effective_policy(detail.policy, _override(detail))
-    except Exception as exc:  # a stored row: anything may be in it
-        policy, fault = None, f"{type(exc).__name__}: {str(exc)[:200]}"
-    limiter = live.limiter if live is not None else QueueLimiter(policy, key=detail.key)
-    if policy is None:
-        limiter.hold(fault or "no policy")
+    policy, fault = _policy(detail)
+    if live is not None and live.limiter.fault is None:
+        limiter = live.limiter  # (read only: a view never changes what the scheduler holds)
+        policy = limiter.policy
+    else:
+        limiter = QueueLimiter(policy, key=detail.key)
+        if live is not None and live.limiter.fault is not None:
+            fault = live.limiter.fault
+        if fault is not None or policy is None:
+            limiter.hold(fault or "no policy")
     in_sender = live.in_sender if live is not None else 0
     backlog = stats.pending + in_sender
     paused = detail.paused_at is not None
@@ -184,8 +184,19 @@ def queue_view(
     }
 
 
-def _override(detail: QueueDetail) -> dict[str, Any] | None:
-    return detail.override if isinstance(detail.override, dict) else None
+def _policy(detail: QueueDetail) -> tuple[rates.RatePolicy | None, str | None]:
+    """The effective policy as the scheduler takes it (scheduler._safe_policy): an override
+    that cannot be read is not applied; a stored policy that cannot be read holds the queue."""
+    override = detail.override if isinstance(detail.override, dict) else None
+    stored = detail.policy if isinstance(detail.policy, dict) else {}
+    try:
+        return effective_policy(stored, override), None
+    except Exception:  # a stored row: anything may be in it
+        pass
+    try:
+        return rates.RatePolicy.from_json(stored), None
+    except Exception as exc:
+        return None, f"stored policy unreadable: {type(exc).__name__}: {str(exc)[:200]}"
 
 
 def urgency(view: Mapping[str, Any], now: float) -> float:

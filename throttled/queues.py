@@ -121,11 +121,16 @@ def release_of(queue: QueueState, state: str) -> QueueState:
 
 
 def effective_policy(stored: dict[str, Any], override: dict[str, Any] | None) -> rates.RatePolicy:
-    """The operator's override (a partial spec) over the policy resolved at intake."""
-    base = rates.RatePolicy.from_json(stored)
+    """The operator's override (a partial spec) over the policy resolved at intake. An
+    override that is a whole rate stands alone when the stored policy cannot be read (so an
+    operator can repair a queue held by one)."""
     if not override:
-        return base
+        return rates.RatePolicy.from_json(stored)
     spec = rates.spec_from_mapping(override, where="override")
+    try:
+        base = rates.RatePolicy.from_json(stored)
+    except ValueError:
+        return rates.resolve([spec])
     return rates.resolve([spec, policy_as_spec(base)])
 
 

@@ -169,6 +169,19 @@ class Scheduler(Hooks):
             await self._repo.release(recalled)
         self.notify(ids)
 
+    def recall(self, queue_id: int) -> list[ClaimedAction]:
+        """Take back the rows this queue's sender holds, unsent (they are still claimed:
+        the caller marks them, or gives them back)."""
+        queue = self.queues.get(queue_id)
+        return [] if queue is None else self._dispatcher.recall(queue)
+
+    def give_back(self, queue_id: int, rows: list[ClaimedAction]) -> None:
+        """Rows recall() took, handed to the sender again (the change that wanted them
+        failed)."""
+        queue = self.queues.get(queue_id)
+        if queue is not None and rows:
+            self._dispatcher.put(queue, rows, self._clock())
+
     async def refresh_active(self) -> None:
         """Track every queue with pending rows that is not tracked yet (rows written by
         another process: an import)."""

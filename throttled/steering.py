@@ -46,8 +46,8 @@ def queue_ident(text: str) -> int | str | None:
     if _DIGITS.fullmatch(text):
         number = int(text)
         return number if 1 <= number <= MAX_QUEUE_ID else None
-    if text.startswith("queue:") and len(text) <= 400:
-        return text
+    if text.startswith("queue:") and len(text) <= 400 and text.isprintable():
+        return text  # (PostgreSQL text holds no NUL: such a key names no queue)
     return None
 
 
@@ -181,10 +181,15 @@ class Steering:
     ) -> dict[str, Any] | None:
         """Set (or, with None, remove) a queue's rate override; the override stored."""
         if override is not None:
-            override = complete_override(override, _stored_policy(queue))
-            rates.resolve(
-                [rates.spec_from_mapping(override, where="override"), _spec_of(queue)]
-            )  # (ValueError: the caller validated the fields; the whole must make a rate)
+            try:
+                current: rates.RatePolicy | None = _stored_policy(queue)
+            except ValueError:
+                current = None  # (held: only an override with a whole rate repairs it)
+            if current is not None:
+                override = complete_override(override, current)
+            # (ValueError: the caller validated the fields; the whole must make a rate)
+            specs = [rates.spec_from_mapping(override, where="override")]
+            rates.resolve(specs if current is None else [*specs, _spec_of(queue)])
         async with self.lock:
             async with self.repo.transaction() as tx:
                 await tx.set_override(queue.id, override)
@@ -216,18 +221,27 @@ class Steering:
         return retried, left
 
     async def fail_pending(self, actor: str, queue: QueueDetail) -> int:
-        """Release every pending action, to be completed FAIL_CONTINUE; how many."""
+        """Release every pending action, to be completed FAIL_CONTINUE, with the rows this
+        instance's sender held unsent; how many."""
         async with self.lock:
-            async with self.repo.transaction() as tx:
-                released = await tx.fail_pending(queue.id)
-                await tx.add_audit(
-                    actor,
-                    "queue.fail_pending",
-                    f"queue:{queue.id}",
-                    None,
-                    {"released": released, "complete_as": "FAIL_CONTINUE"},
-                )
-                self._own(await tx.announce({"queues": [queue.id]}))
+            held = self.scheduler.recall(queue.id) if self.scheduler is not None else []
+            try:
+                async with self.repo.transaction() as tx:
+                    released = await tx.fail_pending(queue.id)
+                    if held:
+                        released += await tx.release_claimed([r.id for r in held])
+                    await tx.add_audit(
+                        actor,
+                        "queue.fail_pending",
+                        f"queue:{queue.id}",
+                        None,
+                        {"released": released, "complete_as": "FAIL_CONTINUE"},
+                    )
+                    self._own(await tx.announce({"queues": [queue.id]}))
+            except BaseException:
+                if self.scheduler is not None:
+                    self.scheduler.give_back(queue.id, held)
+                raise
             await self._refresh([queue.id])
         return released
 
@@ -239,8 +253,8 @@ class Steering:
             await self.reload_all()
             return
         for pair in _pairs(change.get("configs")):
-            spec = readable_config(await self.repo.get_action_config(*pair))
-            self.intake.set_config(*pair, spec)
+            stored = await self.repo.get_action_config(*pair)
+            self.intake.set_config(*pair, None if stored is None else readable_config(stored))
         ids = change.get("queues")
         if isinstance(ids, list):
             await self._refresh([i for i in ids[:10_000] if type(i) is int])

@@ -71,6 +71,20 @@ SELECT (SELECT count(*) FROM r)::int AS retried,
         - (SELECT count(*) FROM r))::int AS left
 """
 
+# Rows a sender held (claimed, unsent) join a release.
+RELEASE_CLAIMED = """
+UPDATE actions SET state = 'pending', complete_as = 'FAIL_CONTINUE', not_before = NULL
+WHERE id = ANY($1::bigint[]) AND state = 'claimed'
+"""
+
+# Retried rows that were released stay released: the queue's release goes on.
+RESUME_RELEASE = """
+UPDATE queues q SET releasing = true WHERE q.id = $1 AND NOT q.releasing AND EXISTS (
+    SELECT 1 FROM actions a
+    WHERE a.queue_id = q.id AND a.state = 'pending' AND a.complete_as IS NOT NULL
+)
+"""
+
 # Every pending row is released as FAIL_CONTINUE; the queue's release lane sends them.
 FAIL_PENDING = """
 WITH r AS (
@@ -178,7 +192,14 @@ class OperatorQueries:
     async def retry_failed(self, queue_id: int) -> tuple[int, int]:
         """Failed rows go back to pending: (retried, failed rows left: block expired)."""
         row = (await self._fetch(RETRY_FAILED, queue_id))[0]
+        if row["retried"]:
+            await self._execute(RESUME_RELEASE, queue_id)
         return row["retried"], row["left"]
+
+    async def release_claimed(self, ids: Sequence[int]) -> int:
+        """Claimed rows (taken back from a sender) join the release; how many."""
+        status = await self._execute(RELEASE_CLAIMED, list(ids))
+        return int(status.split()[-1])
 
     async def fail_pending(self, queue_id: int) -> int:
         """Release every pending row, to be completed FAIL_CONTINUE; how many."""

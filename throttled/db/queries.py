@@ -397,7 +397,12 @@ INSERT INTO action_configs (portal_id, action_id, policy) VALUES ($1, $2, $3)
 ON CONFLICT (portal_id, action_id) DO UPDATE SET policy = EXCLUDED.policy, updated_at = now()
 """
 
-GET_ACTION_CONFIG = "SELECT policy FROM action_configs WHERE portal_id = $1 AND action_id = $2"
+# (a row edited by hand to hold JSON null is still there: answered as an empty object)
+GET_ACTION_CONFIG = """
+SELECT CASE WHEN jsonb_typeof(policy) = 'null' THEN '{}'::jsonb ELSE policy END AS policy
+FROM action_configs
+WHERE portal_id = $1 AND action_id = $2
+"""
 
 DELETE_ACTION_CONFIG = """
 DELETE FROM action_configs WHERE portal_id = $1 AND action_id = $2 RETURNING 1

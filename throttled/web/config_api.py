@@ -104,10 +104,11 @@ class ThrottleConfig(RateFields):
     """A (portal, action definition) rate: the original's five fields, plus pacing and a
     release schedule."""
 
-    portal_id: Numeric
-    action_id: Numeric
-    max_throughput: Numeric
-    time_period: Numeric = Field(default=1)
+    # (the minimum is what the document says; the validators below give the messages)
+    portal_id: Numeric = Field(json_schema_extra={"minimum": 1})
+    action_id: Numeric = Field(json_schema_extra={"minimum": 1})
+    max_throughput: Numeric = Field(json_schema_extra={"minimum": 1})
+    time_period: Numeric = Field(default=1, json_schema_extra={"minimum": 1})
     time_unit: Unit = "seconds"
 
     @field_validator("portal_id", "action_id")

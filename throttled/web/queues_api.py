@@ -7,11 +7,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from throttled.db.operator import QueueDetail
 from throttled.db.repository import DatabaseError
@@ -30,13 +31,22 @@ class RateOverride(RateFields):
     """`PUT /api/queues/{id}/rate`: any subset of the policy fields of `POST /api/config`
     (at least one); a part of the rate given alone takes the rest from the queue's rate."""
 
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"minProperties": 1})
+
 
 class FailPending(BaseModel):
     """`POST /api/queues/{id}/fail-pending`: the operator confirms."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    confirm: Literal[True]
+    confirm: StrictBool = Field(json_schema_extra={"const": True})
+
+    @field_validator("confirm")
+    @classmethod
+    def _true(cls, value: bool) -> bool:
+        if value is not True:
+            raise ValueError("must be true")
+        return value
 
 
 def _now(services: Services) -> float:
@@ -114,8 +124,12 @@ def _listing_args(
 
 
 def _cursor(text: str) -> tuple[float, int] | None:
+    """A cursor this API gave: base64 (exactly as encoded) of [sort key, id], finite."""
     try:
-        value = json.loads(base64.urlsafe_b64decode(text.encode("ascii")))
+        raw = base64.urlsafe_b64decode(text.encode("ascii"))
+        if base64.urlsafe_b64encode(raw).decode() != text:
+            return None
+        value = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeError, binascii.Error, RecursionError):
         return None
     if not (isinstance(value, list) and len(value) == 2):
@@ -123,7 +137,13 @@ def _cursor(text: str) -> tuple[float, int] | None:
     key, ident = value
     if type(ident) is not int or not isinstance(key, int | float) or isinstance(key, bool):
         return None
+    if not math.isfinite(key) or not 0 <= ident <= MAX_ID:
+        return None
     return float(key), ident
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a cursor value")
 
 
 def _encode(key: tuple[float, int]) -> str:
