@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from throttled.cli import MAX_PORTAL_ID as MAX_ID
 from throttled.cli import _Fatal, _int_in, cli_actor
 from throttled.cli_portals import _database, _dump, _load, _span, _table, _text
 
@@ -28,18 +29,7 @@ if TYPE_CHECKING:
     from throttled.intake import Intake
     from throttled.steering import Steering
 
-MAX_ID = 2**63 - 1
 MAX_CALLBACK_ID = 255
-RATE_FLAGS = (
-    "max_throughput",
-    "time_period",
-    "time_unit",
-    "pacing",
-    "release_days",
-    "release_hours",
-    "timezone",
-    "start_at",
-)
 _CONFIG_HELP = "config file (default ./throttled.toml, then /etc/throttled/throttled.toml)"
 
 Handler = Callable[[argparse.Namespace], int]
@@ -328,7 +318,9 @@ def _invalid(problems: list[dict[str, str]]) -> _Fatal:
 
 
 def _given(args: argparse.Namespace) -> dict[str, str]:
-    return {k: v for k in RATE_FLAGS if (v := getattr(args, k, None)) is not None}
+    from throttled.web.config_api import RATE_FIELDS
+
+    return {k: v for k in RATE_FIELDS if (v := getattr(args, k, None)) is not None}
 
 
 def _pairs(pairs: list[tuple[str, str]]) -> list[str]:
@@ -650,7 +642,7 @@ def _action_show(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from throttled.web.audit_api import _readable
+    from throttled.db.repository import readable_json as _readable
 
     target: str | None = args.target
     if target is not None and (not target or len(target) > 300 or not target.isprintable()):

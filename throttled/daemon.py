@@ -516,7 +516,7 @@ async def check_deadlines(runtime: Runtime) -> None:
                     {
                         "queue": queue.key,
                         "pending": pending,
-                        "drains_at": _iso(eta),
+                        "drains_at": rates.iso_instant(eta),
                         "deadline": latest_deadline.isoformat(),
                         "rate": queue.limiter.describe(),
                     }
@@ -530,10 +530,3 @@ async def check_deadlines(runtime: Runtime) -> None:
             at_risk_total=len(at_risk),
             sample=newly[:5],
         )
-
-
-def _iso(ts: float) -> str:
-    """An instant as ISO-8601; 'never' past the schedule horizon (year 9999)."""
-    if not ts < rates.HORIZON_EPOCH:  # inf, NaN, or beyond what a datetime holds
-        return "never"
-    return datetime.fromtimestamp(max(ts, 0.0), UTC).isoformat()

@@ -8,13 +8,13 @@ import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from throttled import rates
 from throttled.db.operator import QueueDetail, QueueStats
-from throttled.db.repository import Unreadable
-from throttled.queues import QueueLimiter, QueueState, effective_policy
+from throttled.db.repository import readable_json
+from throttled.queues import QueueLimiter, QueueState, safe_policy
 from throttled.steering import rate_as_fields
 
 STATES = ("paused", "releasing", "held", "draining", "idle")
@@ -40,19 +40,11 @@ class QueueFilter:
 
 
 def _iso(ts: float | None) -> str | None:
-    if ts is None or math.isnan(ts):
-        return None
-    if not ts < rates.HORIZON_EPOCH:
-        return "never"
-    return datetime.fromtimestamp(max(ts, 0.0), UTC).isoformat()
+    return None if ts is None or math.isnan(ts) else rates.iso_instant(ts)
 
 
 def _datetime_iso(t: datetime | None) -> str | None:
     return None if t is None else t.isoformat()
-
-
-def _json(value: Any) -> Any:
-    return {"unreadable": value.reason} if isinstance(value, Unreadable) else value
 
 
 def _policy_json(policy: rates.RatePolicy) -> dict[str, Any]:
@@ -168,7 +160,7 @@ def queue_view(
         "rate": None if policy is None else _policy_json(policy),
         "held": limiter.fault,
         "rate_sources": sources(detail, config, defaults),
-        "override": _json(detail.override),
+        "override": readable_json(detail.override),
         "next_send_at": _iso(next_send),
         "drains_at": _iso(drains),
         "oldest_deadline": _iso(oldest_deadline),
@@ -185,18 +177,9 @@ def queue_view(
 
 
 def _policy(detail: QueueDetail) -> tuple[rates.RatePolicy | None, str | None]:
-    """The effective policy as the scheduler takes it (scheduler._safe_policy): an override
-    that cannot be read is not applied; a stored policy that cannot be read holds the queue."""
-    override = detail.override if isinstance(detail.override, dict) else None
-    stored = detail.policy if isinstance(detail.policy, dict) else {}
-    try:
-        return effective_policy(stored, override), None
-    except Exception:  # a stored row: anything may be in it
-        pass
-    try:
-        return rates.RatePolicy.from_json(stored), None
-    except Exception as exc:
-        return None, f"stored policy unreadable: {type(exc).__name__}: {str(exc)[:200]}"
+    """The effective policy as the scheduler takes it (queues.safe_policy)."""
+    policy, fault, _ = safe_policy(detail.policy, detail.override)
+    return policy, fault
 
 
 def urgency(view: Mapping[str, Any], now: float) -> float:

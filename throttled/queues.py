@@ -134,6 +134,30 @@ def effective_policy(stored: dict[str, Any], override: dict[str, Any] | None) ->
     return rates.resolve([spec, policy_as_spec(base)])
 
 
+def safe_policy(
+    stored: Any, override: Any
+) -> tuple[rates.RatePolicy | None, str | None, str | None]:
+    """(policy, why it is held, why the override is not applied). A stored row may hold
+    anything: an override that cannot be read is not applied (the stored policy is); a
+    stored policy that cannot be read gives no policy, and the queue is held."""
+    override_error = None
+    try:
+        return (
+            effective_policy(stored, override if isinstance(override, dict) else None),
+            None,
+            None,
+        )
+    except Exception as exc:
+        if override is not None:
+            override_error = str(exc)[:300]
+    try:
+        if not isinstance(stored, dict):
+            raise ValueError(f"not an object: {type(stored).__name__}")
+        return rates.RatePolicy.from_json(stored), None, override_error
+    except Exception as exc:
+        return None, f"stored policy unreadable: {type(exc).__name__}: {str(exc)[:200]}", None
+
+
 def policy_as_spec(policy: rates.RatePolicy) -> rates.PolicySpec:
     """A full policy as the lowest-priority source."""
     schedule = policy.schedule

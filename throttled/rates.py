@@ -128,6 +128,13 @@ def _utc_floor(epoch: float) -> datetime:
     return d - timedelta(microseconds=1) if d.timestamp() > epoch else d
 
 
+def iso_instant(ts: float) -> str:
+    """An instant as ISO-8601; 'never' past the schedule horizon (inf, NaN, year 9999)."""
+    if not ts < HORIZON_EPOCH:
+        return "never"
+    return datetime.fromtimestamp(max(ts, 0.0), UTC).isoformat()
+
+
 def brief(value: object, limit: int = 60) -> str:
     """A value's repr for a message, cut short: it may come from anywhere (a huge int has
     no repr past 4,300 digits)."""

@@ -22,7 +22,7 @@ import structlog
 from throttled import metrics, rates
 from throttled.aio import Outage, wait_event
 from throttled.db.repository import ClaimedAction, DatabaseError, QueueRow, Repository
-from throttled.queues import QueueLimiter, QueueState, effective_policy, release_of
+from throttled.queues import QueueLimiter, QueueState, release_of, safe_policy
 from throttled.sender import Dispatcher, Hooks
 
 log = structlog.get_logger(__name__)
@@ -498,12 +498,7 @@ class Scheduler(Hooks):
 def _safe_policy(row: QueueRow) -> tuple[rates.RatePolicy | None, str | None]:
     """(policy, None), or (None, why) when the stored policy cannot be read: that queue is
     held, never the daemon stopped. An unreadable override falls back to the stored policy."""
-    try:
-        return effective_policy(row.policy, row.override), None
-    except Exception as exc:  # a stored row: anything may be in it
-        if row.override is not None:
-            log.error("queue_override_invalid", queue=row.key, error=str(exc)[:300])
-    try:
-        return rates.RatePolicy.from_json(row.policy), None
-    except Exception as exc:
-        return None, f"stored policy unreadable: {type(exc).__name__}: {str(exc)[:200]}"
+    policy, fault, override_error = safe_policy(row.policy, row.override)
+    if override_error is not None:
+        log.error("queue_override_invalid", queue=row.key, error=override_error)
+    return policy, fault

@@ -22,7 +22,7 @@ import structlog
 
 from throttled import rates
 from throttled.db.operator import QueueDetail
-from throttled.db.repository import Repository, Unreadable
+from throttled.db.repository import Repository, readable_json
 from throttled.intake import Intake
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ class Steering:
                     actor,
                     "queue.rate.clear" if override is None else "queue.rate.set",
                     f"queue:{queue.id}",
-                    _plain(queue.override),
+                    readable_json(queue.override),
                     override,
                 )
                 self._own(await tx.announce({"queues": [queue.id]}))
@@ -289,10 +289,6 @@ def _pairs(value: Any) -> list[tuple[int, int]]:
         for p in value[:1000]
         if isinstance(p, list) and len(p) == 2 and all(type(x) is int for x in p)
     ]
-
-
-def _plain(value: Any) -> Any:
-    return {"unreadable": value.reason} if isinstance(value, Unreadable) else value
 
 
 def _stored_policy(queue: QueueDetail) -> rates.RatePolicy:

@@ -206,6 +206,11 @@ class Unreadable:
         return f"Unreadable({self.reason!r})"
 
 
+def readable_json(value: Any) -> Any:
+    """A stored JSON value as it is answered: one Python could not read is marked so."""
+    return {"unreadable": value.reason} if isinstance(value, Unreadable) else value
+
+
 def _decode_json(text: str) -> Any:
     try:
         return json.loads(text)

@@ -7,16 +7,11 @@ from typing import Any
 
 from aiohttp import web
 
-from throttled.db.repository import DatabaseError, Unreadable
+from throttled.db.repository import DatabaseError, readable_json
 from throttled.web.services import SERVICES, error, storage_unavailable
 
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
 _DIGITS = re.compile(r"[0-9]{1,19}")
-
-
-def _readable(value: Any) -> Any:
-    """A stored value as JSON; one Python cannot read (a row edited by hand) is marked so."""
-    return {"unreadable": value.reason} if isinstance(value, Unreadable) else value
 
 
 async def list_audit(request: web.Request) -> web.Response:
@@ -44,8 +39,8 @@ async def list_audit(request: web.Request) -> web.Response:
         {
             **row,
             "at": row["at"].isoformat(),
-            "before": _readable(row["before"]),
-            "after": _readable(row["after"]),
+            "before": readable_json(row["before"]),
+            "after": readable_json(row["after"]),
         }
         for row in page
     ]

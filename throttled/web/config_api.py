@@ -46,7 +46,7 @@ _DIGITS = re.compile(r"[0-9]{1,19}")
 
 
 _GOOD = {"max_throughput": 1, "time_period": 1, "time_unit": "seconds"}
-_RATE_FIELDS = (
+RATE_FIELDS = (
     "max_throughput",
     "time_period",
     "time_unit",
@@ -74,7 +74,7 @@ class RateFields(BaseModel):
     timezone: Text | None = None
     start_at: Text | None = None
 
-    @field_validator(*_RATE_FIELDS)
+    @field_validator(*RATE_FIELDS)
     @classmethod
     def _a_rate_field(cls, value: Any, info: ValidationInfo) -> Any:
         name = info.field_name or ""
@@ -89,7 +89,7 @@ class RateFields(BaseModel):
         """The rate fields given, as stored: numbers as integers, text stripped, blank text
         left out (it means "not given")."""
         out: dict[str, Any] = {}
-        for key in _RATE_FIELDS:
+        for key in RATE_FIELDS:
             value = getattr(self, key)
             if isinstance(value, str):
                 value = value.strip()
@@ -126,7 +126,7 @@ class ThrottleConfig(RateFields):
         except (ValueError, ArithmeticError) as exc:
             text = " ".join(str(exc).split())
             named = re.match(r"config\.([a-z_]+): ", text)
-            field = named.group(1) if named and named.group(1) in _RATE_FIELDS else "time_period"
+            field = named.group(1) if named and named.group(1) in RATE_FIELDS else "time_period"
             raise PydanticCustomError(
                 "rate", "{field}: {message}", {"field": field, "message": _message(exc, field)}
             ) from None
@@ -192,7 +192,7 @@ def _view(portal: int, action: int, policy: Any) -> dict[str, Any]:
     return {
         "portal_id": portal,
         "action_id": action,
-        **{k: shown[k] for k in _RATE_FIELDS if k in shown},
+        **{k: shown[k] for k in RATE_FIELDS if k in shown},
     }
 
 

@@ -19,11 +19,10 @@ from throttled.db.repository import DatabaseError
 from throttled.queue_view import SORTS, STATES, QueueFilter, ordered, queue_view
 from throttled.steering import QueueNotFound, Steering
 from throttled.web.admin import actor
-from throttled.web.config_api import RateFields, _problems, read_json
+from throttled.web.config_api import MAX_ID, RateFields, _problems, read_json
 from throttled.web.services import SERVICES, Services, clip, error, storage_unavailable
 
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
-MAX_ID = 2**63 - 1
 _DIGITS = re.compile(r"[0-9]{1,19}")
 
 
