@@ -10,8 +10,6 @@ field at once. A stored config takes effect at once for new actions on this inst
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 import re
 from typing import Annotated, Any, Literal
@@ -33,7 +31,13 @@ from pydantic_core import PydanticCustomError
 from throttled import rates
 from throttled.db.repository import DatabaseError
 from throttled.web.admin import actor
-from throttled.web.services import SERVICES, error, storage_unavailable
+from throttled.web.services import (
+    SERVICES,
+    decode_cursor,
+    encode_cursor,
+    error,
+    storage_unavailable,
+)
 
 MAX_ID = 2**63 - 1
 MAX_BODY_BYTES = 16 << 10
@@ -285,9 +289,10 @@ async def delete_config(request: web.Request) -> web.Response:
 
 def _cursor(text: str) -> tuple[int, int] | None:
     """An opaque cursor: base64 of 'portal:action' (the last row of the previous page)."""
+    raw = decode_cursor(text)
     try:
-        portal, _, action = base64.urlsafe_b64decode(text.encode("ascii")).decode().partition(":")
-    except (ValueError, UnicodeError, binascii.Error):
+        portal, _, action = ("" if raw is None else raw.decode()).partition(":")
+    except UnicodeError:
         return None
     if not (_DIGITS.fullmatch(portal) and _DIGITS.fullmatch(action)):
         return None
@@ -315,7 +320,7 @@ async def list_configs(request: web.Request) -> web.Response:
     body: dict[str, Any] = {"configs": [_view(p, a, policy) for p, a, policy in page]}
     if len(rows) > limit:
         last = page[-1]
-        body["next_cursor"] = base64.urlsafe_b64encode(f"{last[0]}:{last[1]}".encode()).decode()
+        body["next_cursor"] = encode_cursor(f"{last[0]}:{last[1]}".encode())
     else:
         body["next_cursor"] = None
     return web.json_response(body)

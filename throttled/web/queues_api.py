@@ -4,8 +4,6 @@ URL-encoded (`queue%3A62515%3A9%3A7%3A0`). Each operation takes effect at once."
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
 import re
@@ -20,7 +18,15 @@ from throttled.queue_view import SORTS, STATES, QueueFilter, ordered, queue_view
 from throttled.steering import QueueNotFound, Steering
 from throttled.web.admin import actor
 from throttled.web.config_api import MAX_ID, RateFields, _problems, read_json
-from throttled.web.services import SERVICES, Services, clip, error, storage_unavailable
+from throttled.web.services import (
+    SERVICES,
+    Services,
+    clip,
+    decode_cursor,
+    encode_cursor,
+    error,
+    storage_unavailable,
+)
 
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
 _DIGITS = re.compile(r"[0-9]{1,19}")
@@ -124,12 +130,12 @@ def _listing_args(
 
 def _cursor(text: str) -> tuple[float, int] | None:
     """A cursor this API gave: base64 (exactly as encoded) of [sort key, id], finite."""
+    raw = decode_cursor(text)
+    if raw is None:
+        return None
     try:
-        raw = base64.urlsafe_b64decode(text.encode("ascii"))
-        if base64.urlsafe_b64encode(raw).decode() != text:
-            return None
         value = json.loads(raw, parse_constant=_no_constant)
-    except (ValueError, UnicodeError, binascii.Error, RecursionError):
+    except (ValueError, RecursionError):
         return None
     if not (isinstance(value, list) and len(value) == 2):
         return None
@@ -149,7 +155,7 @@ def _encode(key: tuple[float, int]) -> str:
     number = (
         key[0] if key[0] not in (float("inf"), float("-inf")) else (1e308 if key[0] > 0 else -1e308)
     )
-    return base64.urlsafe_b64encode(json.dumps([number, key[1]]).encode()).decode()
+    return encode_cursor(json.dumps([number, key[1]]).encode())
 
 
 async def list_queues(request: web.Request) -> web.Response:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +77,23 @@ def storage_unavailable(services: Services) -> web.Response:
         "storage is unavailable; retry",
         retry_after=services.config.ingest.retry_after_s,
     )
+
+
+def encode_cursor(raw: bytes) -> str:
+    """An opaque page cursor."""
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def decode_cursor(text: str) -> bytes | None:
+    """What encode_cursor() was given, or None: a cursor must be exactly one it made
+    (base64 decoding alone skips stray characters, and ignores some trailing ones)."""
+    if len(text) > 400:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(text.encode("ascii"))
+    except (ValueError, UnicodeError, binascii.Error):
+        return None
+    return raw if encode_cursor(raw) == text else None
 
 
 def clip(text: str, limit: int = _MAX_ECHO) -> str:
