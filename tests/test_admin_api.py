@@ -31,6 +31,8 @@ ADMIN_ROUTES = [
     ("DELETE", "/api/queues/1/rate"),
     ("POST", "/api/queues/1/retry-failed"),
     ("POST", "/api/queues/1/fail-pending"),
+    ("GET", "/api/failures"),
+    ("GET", "/api/throughput"),
 ]
 OLD = "old-admin-token-" + "a" * 16
 NEW = "new-admin-token-" + "b" * 16

@@ -296,7 +296,10 @@ def test_a_secret_that_looks_like_a_url_is_still_masked():
     [
         ("retention", "done_days", 1000000.0),
         ("retention", "done_days", 1e300),
-        ("retention", "failed_days", 0),
+        ("retention", "failed_days", -1),
+        ("retention", "days", 0),
+        ("alerts", "error_rate_threshold", 0),
+        ("alerts", "max_attempts", 0),
         ("retention", "interval_s", 0),
         ("ingest", "retry_after_s", -5),
         ("hubspot", "request_timeout_s", -5),
@@ -314,6 +317,27 @@ def test_a_secret_that_looks_like_a_url_is_still_masked():
 def test_numbers_out_of_range_name_the_key(section, key, value):
     message = _rejected({section: {key: value}})
     assert message.startswith(f"{section}.{key}: ")
+
+
+def test_done_and_failed_retention_default_to_retention_days():
+    cfg = config_module.from_mapping({"retention": {"days": 10.0}})
+    assert (cfg.retention.done_after_days(), cfg.retention.failed_after_days()) == (10.0, 10.0)
+    cfg = config_module.from_mapping({"retention": {"days": 10.0, "done_days": 2.0}})
+    assert (cfg.retention.done_after_days(), cfg.retention.failed_after_days()) == (2.0, 10.0)
+    defaults = config_module.Config().retention
+    assert (defaults.done_after_days(), defaults.failed_after_days()) == (30.0, 30.0)
+
+
+def test_the_alert_webhook_url_is_a_secret_checked_without_echo():
+    url = "https://hooks.slack.com/services/T000/B000/s3cretPathPart"
+    cfg = config_module.load(None, environ={"THROTTLED_ALERTS_WEBHOOK_URL": url})
+    assert cfg.alerts.webhook_url.reveal() == url
+    assert "s3cretPathPart" not in repr(cfg)
+    assert config_module.masked(cfg)["alerts"]["webhook_url"] == "***"
+    for bad in ("hooks.slack.com/s3cretPathPart", "https:///s3cretPathPart", "ftp://x/s3cret"):
+        message = _rejected({"alerts": {"webhook_url": bad}})
+        assert message.startswith("alerts.webhook_url: ")
+        assert "s3cret" not in message
 
 
 def test_toml_inf_nan_and_huge_integers_are_one_clean_error(tmp_path):

@@ -109,10 +109,17 @@ def test_secrets_are_masked_in_stdlib_records(json_logs):
     except RuntimeError:
         log.exception("Error handling request")
     structlog.get_logger("t").error("oops", error="client_secret='sekrit-7'")
+    structlog.get_logger("t").error(
+        "publish failed",
+        error="GET https://api.hubapi.com/automation/v4/actions/1?hapikey=sekrit-8 refused",
+        webhook_url="https://hooks.slack.com/services/T0/B0/sekrit-9",
+        detail="posting to https://hooks.slack.com/services/T0/B0/sekrit-10 timed out",
+        developer_api_key="sekrit-11",
+    )
     text = stderr.getvalue()
     events = _lines(stderr)
-    assert len(events) == 5
-    for n in range(1, 8):
+    assert len(events) == 6
+    for n in range(1, 12):
         assert f"sekrit-{n}" not in text
     assert events[1]["token"] == "***"
 

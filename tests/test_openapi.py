@@ -173,6 +173,8 @@ async def seed(daemon: Daemon, fake: Any) -> Known:
             known.values[path] = ids
         elif path.startswith("/api/actions/"):
             known.values[path] = {"callback_id": callbacks[0]}
+    known.values["/static/{name}"] = {"name": "dashboard.js"}
+    known.values["/static/vendor/{name}"] = {"name": "uPlot.min.css"}
     known.values["/api/queues/{id}/pause"] = {"id": queue["key"]}
     known.bodies["POST /api/config"] = {**config, "action_id": ACTION + 1, "pacing": "even"}
     known.bodies["PUT /api/queues/{id}/rate"] = {"max_throughput": "3", "time_unit": "minutes"}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from throttled import crypto, rates
+from throttled import credentials, crypto, rates
 
 DEFAULT_PATHS = (Path("throttled.toml"), Path("/etc/throttled/throttled.toml"))
 MAX_FILE_BYTES = 1 << 20
@@ -231,11 +231,33 @@ _ADMIN_TOKEN = re.compile(r"[\x21-\x7e]+")  # (what an Authorization header carr
 
 @dataclass(frozen=True, kw_only=True)
 class RetentionConfig:
-    done_days: float = _num(7.0, 0, 36500, above=True)
-    failed_days: float = _num(30.0, 0, 36500, above=True)
+    days: float = _num(30.0, 0, 36500, above=True)  # done, failed and expired actions
+    done_days: float = _num(0.0, 0, 36500)  # 0: `days`
+    failed_days: float = _num(0.0, 0, 36500)  # failed and expired; 0: `days`
     audit_days: float = _num(730.0, 0, 36500, above=True)
     batch_size: int = _num(5000, 1, 100_000)
-    interval_s: float = _num(60.0, 1, 86400)
+    interval_s: float = _num(60.0, 1, 86400)  # retention (deletes)
+    expire_interval_s: float = _num(5.0, 0.1, 3600)
+    prune_interval_s: float = _num(60.0, 1, 86400)  # the rate log
+    deadline_interval_s: float = _num(60.0, 1, 86400)
+    stale_claim_interval_s: float = _num(600.0, 1, 86400)
+
+    def done_after_days(self) -> float:
+        """How long done actions are kept."""
+        return self.done_days or self.days
+
+    def failed_after_days(self) -> float:
+        """How long failed and expired actions are kept."""
+        return self.failed_days or self.days
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlertsConfig:
+    webhook_url: Secret = field(default_factory=lambda: Secret(""))  # empty: no alerts sent
+    check_interval_s: float = _num(300.0, 1, 86400)
+    error_rate_threshold: float = _num(0.05, 0, 1, above=True)
+    timeout_s: float = _num(10.0, 0.1, 300)
+    max_attempts: int = _num(5, 1, 100)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,6 +277,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "(defaults)"
 
@@ -337,21 +360,64 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
     found = find_config_path(path)
     raw = _read_toml(found) if found is not None else {}
     environ = os.environ if environ is None else environ
-    merged = _apply_env(raw, environ)
+    files = _credentials(environ)
+    merged = _apply_env(raw, environ, files)
     config = from_mapping(merged, source=str(found) if found else "(defaults)")
     config = _with_env_admin_token(config, environ.get(ADMIN_ENV))
+    config = _with_env_admin_token(
+        config,
+        files.get(ADMIN_CREDENTIAL),
+        where=f"credential {ADMIN_CREDENTIAL}",
+        token_id="credential",
+    )
     validate(config)
     return config
 
 
-def _with_env_admin_token(config: Config, value: str | None) -> Config:
-    """THROTTLED_ADMIN_TOKEN adds one admin token, with id `env`."""
+# A credential (a file in $CREDENTIALS_DIRECTORY, from systemd's LoadCredential=) sets a
+# secret key. Its name is its THROTTLED_ variable's, lower case and without the prefix:
+# database_url, security_encryption_key, hubspot_client_secret, ... and admin_token.
+ADMIN_CREDENTIAL = ADMIN_ENV[len("THROTTLED_") :].lower()
+
+
+def credential_names() -> dict[str, tuple[str, str]]:
+    """Each credential name that sets a key, with its (section, key): the secret keys."""
+    return {
+        f"{name}_{f.name}": (name, f.name)
+        for name, cls in sections().items()
+        for f in dataclasses.fields(cls)
+        if typing.get_type_hints(cls)[f.name] in (Secret, tuple[Secret, ...])
+    }
+
+
+def _credentials(environ: Mapping[str, str]) -> dict[str, str]:
+    """The credentials in $CREDENTIALS_DIRECTORY by name (none when it is unset)."""
+    directory = environ.get(credentials.DIRECTORY_ENV, "")
+    if not directory:
+        return {}
+    try:
+        found = credentials.read(directory)
+    except credentials.CredentialError as exc:
+        raise ConfigError(str(exc)) from None
+    known = credential_names()
+    for name in found:
+        if name not in known and name != ADMIN_CREDENTIAL:
+            names = ", ".join([*sorted(known), ADMIN_CREDENTIAL])
+            raise ConfigError(f"credential {brief(name)}: not a secret of throttled ({names})")
+    return found
+
+
+def _with_env_admin_token(
+    config: Config, value: str | None, *, where: str = ADMIN_ENV, token_id: str = "env"
+) -> Config:
+    """THROTTLED_ADMIN_TOKEN adds one admin token, with id `env` (the admin_token credential
+    another, with id `credential`)."""
     if value is None:
         return config
-    token = _to_secret(value.strip(), ADMIN_ENV)
+    token = _to_secret(value.strip(), where)
     if not token:
-        raise ConfigError(f"{ADMIN_ENV}: must not be empty (unset it for no token)")
-    extra = AdminToken(id="env", token=token)
+        raise ConfigError(f"{where}: must not be empty (unset it for no token)")
+    extra = AdminToken(id=token_id, token=token)
     admin = dataclasses.replace(config.admin, tokens=(*config.admin.tokens, extra))
     return dataclasses.replace(config, admin=admin)
 
@@ -379,9 +445,19 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+def _apply_env(
+    raw: dict[str, Any], environ: Mapping[str, str], files: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    for (section, key), (name, value) in _env_overrides(environ).items():
+    overrides = _env_overrides(environ)
+    for name, setting in credential_names().items():
+        if not files or name not in files:
+            continue
+        other = overrides.get(setting, ("",))[0]
+        if other.startswith("THROTTLED_"):  # (a legacy variable gives way, as to THROTTLED_)
+            raise ConfigError(f"{'.'.join(setting)}: set twice ({other}, credential {name})")
+        overrides[setting] = (f"credential {name}", files[name])
+    for (section, key), (name, value) in overrides.items():
         target = merged.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError(f"{section}: must be a table, e.g. [{section}]")
@@ -648,6 +724,7 @@ def _check_urls(config: Config) -> None:
         if getattr(hs, f"{key}_path"):
             _check_path(getattr(hs, f"{key}_path"), f"hubspot.{key}_path")
     _check_database_url(config.database.url.reveal())
+    _check_webhook_url(config.alerts.webhook_url.reveal())
 
 
 def _check_developer_key(key: Secret) -> None:
@@ -709,6 +786,23 @@ def _check_database_url(url: str) -> None:
         raise ConfigError(message + "; its host or port is malformed") from None
 
 
+def _check_webhook_url(url: str) -> None:
+    """Empty (no alerts) or an http(s) URL; never echoed (a Slack webhook's path is its
+    secret)."""
+    if not url:
+        return
+    message = "alerts.webhook_url: must be an http(s) URL (or empty for no alerts)"
+    if not url.startswith(("http://", "https://")) or " " in url:
+        raise ConfigError(message)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port that is not 0..65535)
+    except ValueError:
+        raise ConfigError(message) from None
+    if not parts.hostname or not _resolvable_name(parts.hostname):
+        raise ConfigError(message)
+
+
 def _check_block_expiration(text: str) -> None:
     """A positive ISO-8601 duration of at most P365D."""
     where = "hubspot.block_expiration"
@@ -742,7 +836,9 @@ def _check_admin_tokens(admin: AdminConfig) -> None:
     """Each admin token has a unique id and exactly one of token / token_sha256."""
     seen: set[str] = set()
     for i, entry in enumerate(admin.tokens):
-        where = "THROTTLED_ADMIN_TOKEN" if entry.id == "env" else f"admin.tokens[{i}]"
+        where = {"env": ADMIN_ENV, "credential": f"credential {ADMIN_CREDENTIAL}"}.get(
+            entry.id, f"admin.tokens[{i}]"
+        )
         if not _ADMIN_ID.fullmatch(entry.id):
             raise ConfigError(f"{where}.id: 1..64 letters, digits, '.', '_' or '-'")
         if entry.id in seen:

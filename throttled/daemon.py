@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +17,22 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from throttled import crypto, metrics, rates
-from throttled.aio import Outage, wait_event
+from throttled import alerts, crypto, housekeeping, metrics, rates
 from throttled.changes import ChangeWatcher
 from throttled.config import Config
 from throttled.db import migrate
 from throttled.db.embedded import embedded_database
-from throttled.db.repository import DatabaseError, Repository
+from throttled.db.repository import Repository
+from throttled.exporter import Exporter
+from throttled.housekeeping import maintain_once as maintain_once  # (tests call it)
 from throttled.hubspot.client import HubSpotClient, trace_config
 from throttled.hubspot.fake import FakeHubSpot
 from throttled.hubspot.oauth import OAuth
 from throttled.ingest import Ingest
 from throttled.intake import Intake
-from throttled.metrics import INGEST_PENDING, SENDER_HELD
+from throttled.liveness import LoopMonitor
 from throttled.scheduler import Scheduler
+from throttled.sdnotify import Notifier, keepalive, watchdog_interval
 from throttled.sender import Dispatcher
 from throttled.steering import Steering
 from throttled.tokens import WAITING_FOR_CONNECTION, Tokens
@@ -64,6 +65,7 @@ class Runtime:
     fake: FakeHubSpot | None
     api_base_url: str
     watcher: ChangeWatcher | None = None
+    exporter: Exporter  # /metrics: this daemon's registry
 
     @property
     def url(self) -> str:
@@ -110,19 +112,24 @@ def _dev_key(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
-async def check_migrations(config: Config, url: str) -> None:
-    """Refuse to start on a schema that is behind, unless auto-migrate is on."""
-    pending = await asyncio.to_thread(migrate.pending, url)
-    if not pending:
-        return
-    if config.database.auto_migrate:
+async def check_migrations(config: Config, url: str) -> str:
+    """Refuse to start on a schema that is behind, unless auto-migrate is on. Return why the
+    schema is still not current ("" when it is): migrated by a newer version, it is served,
+    but /readyz says so."""
+    state = await asyncio.to_thread(migrate.check, url)
+    pending = state.pending
+    if pending and config.database.auto_migrate:
         applied = await asyncio.to_thread(migrate.apply, url)
         log.info("migrations_applied", ids=applied)
-        return
-    raise StartupError(
-        f"{len(pending)} database migration(s) pending ({', '.join(pending)}); "
-        f"run: throttled migrate --config {config.source}"
-    )
+    elif pending:
+        raise StartupError(
+            f"{len(pending)} database migration(s) pending ({', '.join(pending)}); "
+            f"run: throttled migrate --config {config.source}"
+        )
+    if state.unknown:
+        log.warning("schema_not_current", reason=state.problem())
+        return state.problem()
+    return ""
 
 
 def _tune_gc() -> None:
@@ -153,7 +160,7 @@ async def serve(
     signing_secrets(config)
     async with contextlib.AsyncExitStack() as stack:
         url = await stack.enter_async_context(database_url(config))
-        await check_migrations(config, url)
+        schema_problem = await check_migrations(config, url)
         repo = await stack.enter_async_context(
             Repository.open(
                 url,
@@ -169,8 +176,10 @@ async def serve(
         )
         fake, api_base = await _hubspot(config, stack)
         runtime = await _assemble(config, repo, session, keyring, fake, api_base, clock)
+        runtime.services.schema_problem = schema_problem
+        runtime.services.loop = LoopMonitor(asyncio.get_running_loop().time)
         runner = Runner(
-            make_app(runtime.services),
+            make_app(runtime.services, runtime.exporter.registry),
             timeout_s=config.server.shutdown_timeout_s,
             access_log=None,
             handle_signals=False,
@@ -186,7 +195,9 @@ async def serve(
                 f"server.host/server.port: cannot listen on {where}: {exc.strerror or exc}"
             ) from None
         runtime.port = _bound_port(runner, config.server.port)
-        runner.deadline = await _run(runtime, stop, on_ready)
+        notifier = Notifier.from_env(os.environ)
+        stack.callback(notifier.close)
+        runner.deadline = await _run(runtime, stop, on_ready, notifier)
 
 
 async def _hubspot(
@@ -278,8 +289,6 @@ async def _assemble(
         clock=clock,
         steering=steering,
     )
-    INGEST_PENDING.read = lambda: float(ingest.pending)
-    SENDER_HELD.read = lambda: float(dispatcher.held)
     return Runtime(
         config=config,
         port=0,
@@ -290,6 +299,13 @@ async def _assemble(
         services=services,
         fake=fake,
         api_base_url=api_base,
+        exporter=Exporter(
+            repo=repo,
+            scheduler=scheduler,
+            dispatcher=dispatcher,
+            ingest=ingest,
+            health=tokens.health,
+        ),
     )
 
 
@@ -373,27 +389,56 @@ def _bound_port(runner: web.AppRunner, configured: int) -> int:
     return configured
 
 
+def status_line(runtime: Runtime) -> str:
+    """The one-line summary systemd shows (STATUS=): in-memory counts, no query."""
+    queues = runtime.scheduler.queues.values()
+    active = sum(q.active for q in queues)
+    return (
+        f"{len(queues)} queues ({active} active, {len(runtime.scheduler.at_risk)} at risk); "
+        f"{runtime.dispatcher.held} claimed for sending, {runtime.ingest.pending} to commit"
+    )
+
+
 async def _run(
-    runtime: Runtime, stop: asyncio.Event, on_ready: Callable[[Runtime], None] | None
+    runtime: Runtime,
+    stop: asyncio.Event,
+    on_ready: Callable[[Runtime], None] | None,
+    notifier: Notifier | None = None,
 ) -> float:
     """Run the loops until `stop`, then drain them; return the shutdown deadline (loop time),
-    which the HTTP server's cleanup must meet too."""
+    which the HTTP server's cleanup must meet too. systemd hears READY=1 once the port is
+    bound and the loops run, WATCHDOG=1 from this loop until the drain is over, STOPPING=1."""
     ingest_stop, claim_stop = asyncio.Event(), asyncio.Event()
     send_stop, writer_stop = asyncio.Event(), asyncio.Event()
+    alive_stop = asyncio.Event()  # the loop monitor and the watchdog: until the very end
+    notifier = notifier or Notifier(None)
     config = runtime.config
     async with asyncio.TaskGroup() as tg:
+        if runtime.services.loop is not None:
+            tg.create_task(runtime.services.loop.run(alive_stop), name="loop-monitor")
+        watchdog_s = watchdog_interval(os.environ)
+        tg.create_task(
+            keepalive(
+                notifier, alive_stop, watchdog_s=watchdog_s, status=lambda: status_line(runtime)
+            ),
+            name="sd-notify",
+        )
         ingest_task = tg.create_task(runtime.ingest.run(ingest_stop), name="ingest")
         claim_task = tg.create_task(runtime.scheduler.run(claim_stop), name="scheduler")
         send_task = tg.create_task(
             runtime.dispatcher.run(send_stop, writer_stop), name="dispatcher"
         )
-        maintenance_task = tg.create_task(maintenance(runtime, claim_stop), name="maintenance")
+        maintenance_task = tg.create_task(housekeeping.run(runtime, claim_stop), name="maintenance")
+        alerts_task = tg.create_task(alerts.watch(runtime, claim_stop), name="alerts")
+        tg.create_task(runtime.exporter.run(claim_stop), name="metrics")
         watcher = ChangeWatcher(
             runtime.repo, runtime.services.steering, check_s=config.admin.change_check_s
         )
         runtime.watcher = watcher
         watch_task = tg.create_task(watcher.run(claim_stop), name="changes")
         log.info("throttled_ready", url=runtime.url, pid=os.getpid(), mock=config.hubspot.mock)
+        if notifier.send("READY=1", f"STATUS={status_line(runtime)}"):
+            log.info("systemd_notified", watchdog_s=watchdog_s)
         if config.hubspot.mock and sys.stderr.isatty() and config.logging.format != "json":
             print(_try_it(runtime), file=sys.stderr, flush=True)
         elif config.hubspot.mock:
@@ -403,6 +448,7 @@ async def _run(
         await stop.wait()
         deadline = asyncio.get_running_loop().time() + config.server.shutdown_timeout_s
         log.info("shutdown_started")
+        notifier.send("STOPPING=1", "STATUS=shutting down: committing and finishing sends")
         runtime.services.stopping = True
         try:
             async with asyncio.timeout_at(deadline):
@@ -419,8 +465,10 @@ async def _run(
                 event.set()
             # The time is up: what still runs (a send waiting on HubSpot, say) is cancelled;
             # the rows it held stay claimed and are recovered at the next start.
-            for task in (ingest_task, claim_task, send_task, maintenance_task, watch_task):
+            tasks = (ingest_task, claim_task, send_task, maintenance_task, alerts_task, watch_task)
+            for task in tasks:
                 task.cancel()
+        alive_stop.set()
     log.info("shutdown_complete")
     return deadline
 
@@ -444,89 +492,3 @@ def _try_it(runtime: Runtime) -> str:
         ' --body /tmp/action.json --curl)"\n'
         f"  curl -s {runtime.url}/metrics | grep completed\n"
     )
-
-
-async def maintenance(runtime: Runtime, stop: asyncio.Event) -> None:
-    """Expire overdue rows often; retention, rate-log pruning and deadline checks less often.
-    Through a database outage it waits longer and longer (up to 30 s) between tries."""
-    interval = runtime.config.retention.interval_s
-    tick = min(5.0, interval)
-    outage = Outage("maintenance", "maintenance_failed")
-    last_full = 0.0
-    delay = tick
-    while not stop.is_set():
-        await wait_event(stop, delay)
-        if stop.is_set():
-            return
-        full = time.monotonic() - last_full >= interval
-        try:
-            await maintain_once(runtime, full=full)
-        except DatabaseError as exc:
-            delay = max(tick, outage.failed(exc))
-            continue
-        outage.over()
-        delay = tick
-        if full:
-            last_full = time.monotonic()
-
-
-async def maintain_once(runtime: Runtime, *, full: bool = True) -> None:
-    """One maintenance pass (tests call it directly)."""
-    repo, retention = runtime.repo, runtime.config.retention
-    expired = await repo.expire_due(retention.batch_size)
-    if expired:
-        metrics.EXPIRED.inc(len(expired))
-        log.warning("actions_expired", count=len(expired), queues=len(set(expired)))
-    if not full:
-        return
-    now = datetime.now(UTC)
-    # Sent rows are the rate log: none is deleted while a queue's window may still hold it,
-    # whatever retention.done_days says (a restart would forget it, and burst).
-    queues = runtime.scheduler.queues.values()
-    tracked = max((q.limiter.policy.period_s for q in queues), default=0.0)  # (before an await)
-    longest = max(await repo.longest_period(), tracked, 86400.0)
-    keep = max(timedelta(days=retention.done_days), timedelta(seconds=longest))
-    deleted = await repo.delete_finished(
-        now - keep, now - max(timedelta(days=retention.failed_days), keep), retention.batch_size
-    )
-    if deleted:
-        log.info("retention_deleted", rows=deleted)
-    await repo.prune_sends(now - timedelta(seconds=longest))
-    await repo.delete_expired_oauth_states(now)  # (installs started and never finished)
-    await repo.delete_old_audit(now - timedelta(days=retention.audit_days), retention.batch_size)
-    await check_deadlines(runtime)
-
-
-async def check_deadlines(runtime: Runtime) -> None:
-    """Warn about queues whose backlog will not drain before its newest action's deadline."""
-    now = time.time()
-    at_risk: set[int] = set()
-    newly: list[dict[str, object]] = []
-    for n, (queue_id, pending, latest_deadline) in enumerate(await runtime.repo.pending_by_queue()):
-        if n % 100 == 99:
-            await asyncio.sleep(0)  # a schedule's estimate costs ~1 ms: let the loop breathe
-        queue = runtime.scheduler.queues.get(queue_id)
-        if queue is None:
-            continue
-        eta = queue.limiter.backlog_eta(now, pending)
-        if eta > latest_deadline.timestamp():
-            at_risk.add(queue_id)
-            if queue_id not in runtime.scheduler.at_risk:
-                newly.append(
-                    {
-                        "queue": queue.key,
-                        "pending": pending,
-                        "drains_at": rates.iso_instant(eta),
-                        "deadline": latest_deadline.isoformat(),
-                        "rate": queue.limiter.describe(),
-                    }
-                )
-    runtime.scheduler.at_risk = at_risk
-    # One line per check, whatever the number of queues: a sample names the worst cases.
-    if newly:
-        log.warning(
-            "queue_backlog_past_deadline",
-            queues=len(newly),
-            at_risk_total=len(at_risk),
-            sample=newly[:5],
-        )

@@ -103,6 +103,10 @@ class Health:
             record = self._portals[portal_id] = PortalHealth()
         return record
 
+    def portals(self) -> list[tuple[int, PortalHealth]]:
+        """Every portal with a record (the health monitor looks at each)."""
+        return list(self._portals.items())
+
     def result(self, portal_id: int, status: int, latency_s: float, **rate: int | None) -> None:
         """One completion request's outcome (status 0: no answer) and rate-limit headers."""
         record = self.portal(portal_id)

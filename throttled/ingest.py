@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import structlog
 
+from throttled import metrics
 from throttled.db.repository import (
     DatabaseError,
     DatabaseUnavailable,
@@ -162,6 +164,7 @@ class Ingest:
     async def _flush(self, writer: Repository, batch: list[_Item]) -> bool:
         """Store a batch and settle its submitters (raise DatabaseUnavailable on an outage,
         leaving those not yet settled); False if it crashed."""
+        started = time.perf_counter()
         try:
             queue_ids, changed = await self._store(writer, [i.action for i in batch])
         except DatabaseUnavailable:
@@ -176,6 +179,8 @@ class Ingest:
             log.exception("ingest_flush_crashed", rows=len(batch))
             _settle(batch, DatabaseError(f"{type(exc).__name__}: {exc}"))
             return False
+        metrics.INGEST_COMMIT.observe(time.perf_counter() - started)
+        metrics.INGEST_BATCH.observe(len(batch))
         self.batches += 1
         self.rows += len(batch)
         _settle(batch, None)

@@ -31,6 +31,11 @@ _SECRET_KEYS = frozenset(
         "authorization",
         "encryption_key",
         "password",
+        "developer_api_key",
+        "hapikey",
+        "api_key",
+        "webhook_url",
+        "admin_token",
     }
 )
 
@@ -41,9 +46,11 @@ _SECRET_TEXT = re.compile(
     (?P<header>\b(?:proxy-)?authorization\s*:\s*|\bx-hubspot-signature(?:-v3)?\s*:\s*
         |\b(?:set-)?cookie\s*:\s*)(?:(?!\\[rn])[^\r\n'"])+
     |(?P<pair>\b(?:access_token|refresh_token|client_secret|encryption_key|secret|token
-        |password|passwd|signature|authorization)["']?\s*[=:]\s*["']?)
+        |password|passwd|signature|authorization|hapikey|developer_api_key|api_key
+        |webhook_url|admin_token)["']?\s*[=:]\s*["']?)
         (?:(?:bearer|basic)\s+)?[^\s&"',;)}\]]+
     |(?P<bearer>\bbearer\s+)[\w.~+/=-]+
+    |(?P<hook>\bhooks\.slack\.com/(?:services|workflows|triggers)/)[^\s'"]+
     |(?P<userinfo>\b[a-z][a-z0-9+.-]*://[^\s/:@'"]*:)[^\s/@'"]+(?=@)
     """
 )

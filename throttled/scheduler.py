@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from throttled import metrics, rates
+from throttled import rates
 from throttled.aio import Outage, wait_event
 from throttled.db.repository import ClaimedAction, DatabaseError, QueueRow, Repository
 from throttled.queues import QueueLimiter, QueueState, release_of, safe_policy
@@ -73,12 +73,7 @@ class Scheduler(Hooks):
         self.at_risk: set[int] = set()  # queues whose backlog will outlive its deadline
         self.releases: dict[int, QueueState] = {}  # queue id -> its release (fail-pending)
         self._release_wake = asyncio.Event()
-        dispatcher.hooks = self
-        metrics.ACTIVE_QUEUES.read = lambda: float(sum(q.active for q in self.queues.values()))
-        metrics.QUEUES_AT_RISK.read = lambda: float(len(self.at_risk))
-        metrics.QUEUES_HELD.read = lambda: float(
-            sum(q.limiter.fault is not None for q in self.queues.values())
-        )
+        dispatcher.hooks = self  # (its gauges are read by the daemon's Exporter)
 
     # -- events from ingest and the senders (synchronous, cheap) ----------------------------
 

@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -39,6 +39,7 @@ _R = TypeVar("_R")
 class _Batch:
     queue: QueueState
     rows: deque[ClaimedAction]
+    due: float  # the instant the rows were claimed for (for the scheduler-lag histogram)
 
 
 @dataclass(slots=True)
@@ -105,7 +106,17 @@ class ResultWriter:
         self._hooks = hooks  # looked up at each flush: the scheduler installs itself later
         self._interval_s = interval_s
         self._pending: list[_Outcome] = []
+        self._writing: Sequence[_Outcome] = ()  # taken by the write under way
         self._wake = asyncio.Event()
+
+    def held_ids(self) -> set[int]:
+        """The rows whose outcome is not written yet (still claimed in the database)."""
+        ids: set[int] = set()
+        for o in (*self._pending, *self._writing):
+            ids.update(r.id for r, _ in o.done)
+            ids.update(rt.id for _, rt in o.retry)
+            ids.update(r.id for r, _, _ in o.failed)
+        return ids
 
     def add(self, outcome: _Outcome) -> None:
         """Queue an outcome for the next write."""
@@ -134,11 +145,14 @@ class ResultWriter:
         outcomes, self._pending = self._pending, []
         if not outcomes:
             return
+        self._writing = outcomes
         try:
             await self._write(outcomes)
         except DatabaseError:
             self._pending[:0] = outcomes
             raise
+        finally:
+            self._writing = ()
 
     async def _write(self, outcomes: Sequence[_Outcome]) -> None:
         """Three statements; each part written is removed from the outcomes at once, so that
@@ -226,7 +240,7 @@ class PortalSender:
         self._refused_tokens = 0  # different tokens refused in a row
         self._wake = asyncio.Event()
         self._in_flight = asyncio.Semaphore(dispatcher.config.max_in_flight)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], list[ClaimedAction]] = {}  # sends in flight
 
     @property
     def held(self) -> int:
@@ -235,13 +249,23 @@ class PortalSender:
             len(b.rows) for _, b in self._urgent
         )
 
+    def held_ids(self) -> Iterator[int]:
+        """The rows held here or in a request under way."""
+        for batch in [b for _, _, b in self._heap] + [b for _, b in self._urgent]:
+            yield from (r.id for r in batch.rows)
+        for rows in self._tasks.values():
+            yield from (r.id for r in rows)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)  # (its outcome went to the writer before it ended)
+
     def put(
         self, queue: QueueState, rows: Sequence[ClaimedAction], at: float, *, urgent: bool = False
     ) -> None:
         """Hand over claimed rows of one queue, to go out no earlier than `at`. Urgent rows
         (a queue waking from idle) go in the next request, without waiting for it to fill."""
         queue.in_sender += len(rows)
-        batch = _Batch(queue, deque(rows))
+        batch = _Batch(queue, deque(rows), at)
         if urgent:
             self._urgent.append((at, batch))
             self._wake.set()
@@ -367,8 +391,8 @@ class PortalSender:
             return False
         self._budget.spend(at)
         task = asyncio.create_task(self._send(rows, at, token), name=f"send-{self.portal_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = [r for _, r in rows]
+        task.add_done_callback(self._sent)
         return True
 
     def _fill(
@@ -406,6 +430,7 @@ class PortalSender:
                 # Charged a little late: a safety margin for delivery jitter on the way out.
                 queue.limiter.record(at + margin, n)
                 room -= n
+                metrics.SCHEDULER_LAG.observe(at - batch.due)
             self._settled(queue, n)
             if batch.rows:
                 again = at if n and room == 0 else queue.limiter.earliest(at)
@@ -430,6 +455,8 @@ class PortalSender:
             self._d.writer.add(outcome)
         except Exception:  # a bug here must not lose rows: release them for a later claim
             log.exception("send_failed_unexpectedly", portal_id=self.portal_id, rows=len(rows))
+            portal = metrics.portal_label(self.portal_id)
+            metrics.COMPLETIONS.inc(len(rows), portal=portal, outcome="error")
             self._d.writer.add(
                 _retry_all(rows, at, self._d.clock(), "internal error", counted=False, sent=False)
             )
@@ -455,17 +482,21 @@ class PortalSender:
 
         started = time.monotonic()
         result = await d.client.complete_batch(token, body, on_sent, on_written)
+        latency = time.monotonic() - started
         d.tokens.health.result(
             self.portal_id,
             result.status,
-            time.monotonic() - started,
+            latency,
             max=result.rate_max,
             remaining=result.rate_remaining,
             daily=result.daily_max,
             daily_remaining=result.daily_remaining,
         )
         metrics.REQUESTS.inc(status=str(result.status))
-        return self._judge(rows, sent[0], result, token)
+        metrics.HUBSPOT_LATENCY.observe(latency, endpoint="complete", status=str(result.status))
+        outcome = self._judge(rows, sent[0], result, token)
+        _count(self.portal_id, result.status, outcome)
+        return outcome
 
     def _redate(
         self,
@@ -575,6 +606,24 @@ class PortalSender:
             )
         log.warning("send_failed", portal_id=self.portal_id, rows=len(rows), reason=reason)
         return outcome
+
+
+# What a request's retried rows are counted as, by its status (others: "retry").
+_RETRIED = {429: "rate_limited", 401: "unauthorized", 400: "bisected"}
+
+
+def _count(portal_id: int, status: int, outcome: _Outcome) -> None:
+    """Count a request's callbacks by portal and outcome (and a 429)."""
+    portal = metrics.portal_label(portal_id)
+    if status == 429:
+        metrics.RATE_LIMITED.inc(portal=portal)
+    for name, n in (
+        ("completed", len(outcome.done)),
+        ("rejected" if status == 400 else "failed", len(outcome.failed)),
+        (_RETRIED.get(status, "retry"), len(outcome.retry)),
+    ):
+        if n:
+            metrics.COMPLETIONS.inc(n, portal=portal, outcome=name)
 
 
 def _run_length(rows: deque[ClaimedAction], group: int | None) -> int:
@@ -689,6 +738,7 @@ class Dispatcher:
         self._tg: asyncio.TaskGroup | None = None
         self._stop: asyncio.Event | None = None
         self._expired: list[ClaimedAction] = []
+        self._expiring: list[ClaimedAction] = []  # being marked expired
 
     def new_group(self) -> int:
         """A fresh split-group id."""
@@ -730,6 +780,15 @@ class Dispatcher:
         """Rows waiting in all senders."""
         return sum(s.held for s in self._senders.values())
 
+    def held_ids(self) -> set[int]:
+        """Every claimed row this process holds: in a sender, in a request under way, or with
+        an outcome not written yet. (Taken synchronously: nothing moves meanwhile.)"""
+        ids = self.writer.held_ids()
+        for sender in self._senders.values():
+            ids.update(sender.held_ids())
+        ids.update(r.id for r in (*self._expired, *self._expiring))
+        return ids
+
     async def run(self, stop: asyncio.Event, writer_stop: asyncio.Event) -> None:
         """Run senders until `stop`, then release unsent rows; the writer until `writer_stop`."""
         async with asyncio.TaskGroup() as outer:
@@ -755,11 +814,14 @@ class Dispatcher:
             rows, self._expired = self._expired, []
             if not rows:
                 continue
+            self._expiring = rows
             try:
                 await shielded(self.repo.mark_expired([r.id for r in rows]))
             except DatabaseError as exc:
                 self._expired[:0] = rows
                 delay = outage.failed(exc, rows=len(rows))
                 continue
+            finally:
+                self._expiring = []
             outage.over()
             metrics.EXPIRED.inc(len(rows))

@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from throttled import metrics
 from throttled.crypto import CryptoError, KeyRing
 from throttled.db.repository import PortalRow, Repository
 from throttled.health import Health
@@ -307,6 +308,7 @@ class Tokens:
                 )
                 await lp.save_tokens(sealed_refresh, sealed_access or "", _utc(expires))
         latency = time.monotonic() - started
+        metrics.TOKEN_REFRESHES.inc(outcome=_refresh_outcome(failure))
         if failure is None:  # (committed: the lock is released)
             self.refreshes += 1
             self._stale.pop(portal_id, None)
@@ -363,6 +365,16 @@ class Tokens:
             scopes=info.scopes,
             hub_domain=info.hub_domain,
         )
+
+
+def _refresh_outcome(failure: Exception | None) -> str:
+    """ok; revoked (the portal is disconnected); refused (another OAuth error); failed
+    (no answer, or an unreadable one)."""
+    if failure is None:
+        return "ok"
+    if isinstance(failure, OAuthRefused):
+        return "revoked" if failure.revoked else "refused"
+    return "failed"
 
 
 def _utc(ts: float) -> datetime:

@@ -1,8 +1,10 @@
-"""Schema migrations with yoyo (SQL files in `migrations/`); its errors become MigrationError."""
+"""Schema migrations with yoyo (SQL files shipped in the package, `throttled/migrations/`);
+its errors become MigrationError."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import math
 import warnings
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ from urllib.parse import unquote
 
 from throttled.config import mask_url
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATIONS_DIR: Path | None = None  # None: the package's own; tests point it elsewhere
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 
 
@@ -56,13 +58,24 @@ def _yoyo() -> Any:
         return yoyo
 
 
+@contextlib.contextmanager
+def _folder() -> Iterator[Path]:
+    """The migrations folder as a path (yoyo reads a directory): the package data, or
+    MIGRATIONS_DIR when set."""
+    if MIGRATIONS_DIR is not None:
+        yield MIGRATIONS_DIR
+        return
+    with importlib.resources.as_file(importlib.resources.files("throttled") / "migrations") as p:
+        yield p
+
+
 def _read_migrations() -> Any:
     """The migration set; an empty or missing folder means an incomplete installation."""
-    folder = MIGRATIONS_DIR
-    missing = MigrationError(f"no migrations found in {folder}; the installation is incomplete")
-    if not folder.is_dir():
-        raise missing
-    migrations = _yoyo().read_migrations(str(folder))
+    with _folder() as folder:
+        missing = MigrationError(f"no migrations found in {folder}; the installation is incomplete")
+        if not folder.is_dir():
+            raise missing
+        migrations = _yoyo().read_migrations(str(folder))
     if not migrations:
         raise missing
     return migrations
@@ -127,6 +140,42 @@ def status(
         finally:
             backend.connection.close()
     return [MigrationStatus(id=m.id, applied=m.id in applied) for m in migrations]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchemaState:
+    """How the database's schema compares with this build's migrations."""
+
+    pending: tuple[str, ...]  # this build's, not applied yet
+    unknown: int  # applied, but not this build's (a newer version migrated the database)
+
+    def problem(self) -> str:
+        """Why the schema is not current, or "" when it is."""
+        if self.pending:
+            return f"{len(self.pending)} migration(s) pending ({', '.join(self.pending)})"
+        if self.unknown:
+            return (
+                f"the database has {self.unknown} migration(s) this build does not have: "
+                "it was migrated by a newer version of throttled"
+            )
+        return ""
+
+
+def check(url: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> SchemaState:
+    """The schema's state against this build (blocking; run in a thread from async code)."""
+    with _translated(url, "cannot read the migration status"):
+        migrations = _read_migrations()
+        backend = _backend(url, connect_timeout_s)
+        try:
+            with backend.lock():
+                applied = set(backend.get_applied_migration_hashes())
+        finally:
+            backend.connection.close()
+    ours = {m.hash for m in migrations}
+    return SchemaState(
+        pending=tuple(m.id for m in migrations if m.hash not in applied),
+        unknown=len(applied - ours),
+    )
 
 
 def pending(url: str, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> list[str]:

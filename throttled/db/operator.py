@@ -102,6 +102,47 @@ SELECT id, policy, inputs FROM queues WHERE portal_id = $1 AND action_id = $2 OR
 FOR UPDATE
 """
 
+# The dashboard's recent failures: newest completion first, through one of the partial
+# indexes on finished rows (actions_finished by time, or actions_unfinished_by_queue and a
+# top-N sort when failures are few); the planner picks.
+RECENT_FAILURES = f"""
+SELECT left(a.callback_id, 255) AS callback_id, a.queue_id, left(q.key, 300) AS queue_key,
+       a.portal_id, a.state, left(a.last_error, 500) AS last_error,
+       {_readable("a.completed_at")} AS completed_at
+FROM actions a LEFT JOIN queues q ON q.id = a.queue_id
+WHERE a.state IN ('failed', 'expired') AND a.completed_at IS NOT NULL
+ORDER BY a.completed_at DESC, a.id DESC LIMIT $1
+"""
+
+# Completions per minute over the last $1 minutes (the current one included, every minute
+# present): a range scan of actions_finished. The minutes are the database's, as are the
+# completion times.
+_WINDOW = "date_trunc('minute', now()) - ($1::int - 1) * interval '1 minute'"
+THROUGHPUT = f"""
+WITH done AS (
+    SELECT date_trunc('minute', completed_at) AS minute,
+           count(*) FILTER (WHERE state = 'done')::int AS done,
+           count(*) FILTER (WHERE state = 'failed')::int AS failed,
+           count(*) FILTER (WHERE state = 'expired')::int AS expired
+    FROM actions
+    WHERE state IN ('done', 'failed', 'expired') AND completed_at >= {_WINDOW}
+      AND completed_at < date_trunc('minute', now()) + interval '1 minute'
+    GROUP BY 1
+)
+SELECT m.minute, coalesce(d.done, 0) AS done, coalesce(d.failed, 0) AS failed,
+       coalesce(d.expired, 0) AS expired
+FROM generate_series({_WINDOW}, date_trunc('minute', now()), interval '1 minute') AS m (minute)
+LEFT JOIN done d ON d.minute = m.minute
+ORDER BY m.minute
+"""
+
+# Actions completed (done) per queue over the same window: each queue's recent progress.
+DONE_BY_QUEUE = f"""
+SELECT queue_id, count(*)::int AS done FROM actions
+WHERE state = 'done' AND completed_at >= {_WINDOW}
+GROUP BY queue_id
+"""
+
 BUMP = "UPDATE change_counter SET version = version + 1 RETURNING version"
 NOTIFY = "SELECT pg_notify($1, $2)"
 CHANGE_VERSION = "SELECT version FROM change_counter"
@@ -140,6 +181,39 @@ class QueueStats:
     latest_deadline: datetime | None = None
     failed: int = 0
     expired: int = 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Failure:
+    """An action that finished without being completed: failed or expired."""
+
+    callback_id: str
+    queue_id: int
+    queue_key: str | None
+    portal_id: int
+    state: str
+    last_error: str | None
+    completed_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Failure:
+        """Build from a RECENT_FAILURES row."""
+        return cls(**dict(row))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MinuteCount:
+    """Completions in one minute, by how they ended."""
+
+    minute: datetime
+    done: int
+    failed: int
+    expired: int
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> MinuteCount:
+        """Build from a THROUGHPUT row."""
+        return cls(**dict(row))
 
 
 class OperatorQueries:
@@ -208,6 +282,19 @@ class OperatorQueries:
     async def queues_of_action(self, portal_id: int, action_id: int) -> list[asyncpg.Record]:
         """Queues whose latest intake came from this action definition (locked)."""
         return await self._fetch(QUEUES_OF_ACTION, portal_id, action_id)
+
+    async def recent_failures(self, limit: int) -> list[Failure]:
+        """The latest failed or expired actions, newest first."""
+        return [Failure.from_row(r) for r in await self._fetch(RECENT_FAILURES, limit)]
+
+    async def throughput(self, minutes: int) -> list[MinuteCount]:
+        """Completions per minute over the last `minutes` (oldest first, every minute)."""
+        return [MinuteCount.from_row(r) for r in await self._fetch(THROUGHPUT, minutes)]
+
+    async def done_by_queue(self, minutes: int) -> dict[int, int]:
+        """Actions completed per queue over the last `minutes`."""
+        rows = await self._fetch(DONE_BY_QUEUE, minutes)
+        return {r["queue_id"]: r["done"] for r in rows}
 
     async def announce(self, payload: dict[str, Any]) -> int:
         """Count a change and tell other instances (delivered at commit); the new version."""

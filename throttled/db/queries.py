@@ -230,6 +230,21 @@ RETURNING a.queue_id
 
 PRUNE_SENDS = "DELETE FROM queue_sends WHERE sent_at < $1"
 
+# Claims no sender of this process holds (`$2`), older than `$1`: see housekeeping.stale_claims.
+# (A sequential pass: claimed rows have no index, which would cost an insert per claim.)
+RELEASE_STALE_CLAIMS = """
+WITH stale AS (
+    SELECT id FROM actions
+    WHERE state = 'claimed' AND (claimed_at IS NULL OR claimed_at < $1)
+      AND NOT (id = ANY($2::bigint[]))
+    LIMIT $3 FOR UPDATE SKIP LOCKED
+), r AS (
+    UPDATE actions a SET state = 'pending' FROM stale WHERE a.id = stale.id
+    RETURNING a.queue_id
+)
+SELECT queue_id, count(*)::int AS n FROM r GROUP BY queue_id
+"""
+
 # Retention in small batches, so the table never takes a long lock.
 DELETE_FINISHED = """
 DELETE FROM actions WHERE id IN (

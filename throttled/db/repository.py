@@ -459,9 +459,18 @@ class Repository(OperatorQueries):
         """Mark pending rows past their deadline expired; return their queue ids."""
         return [r["queue_id"] for r in await self._fetch(q.EXPIRE_DUE, limit)]
 
-    async def prune_sends(self, before: datetime) -> None:
-        """Forget rate-log entries no window can still see."""
-        await self._execute(q.PRUNE_SENDS, before)
+    async def prune_sends(self, before: datetime) -> int:
+        """Forget rate-log entries no window can still see; how many."""
+        status = await self._execute(q.PRUNE_SENDS, before)
+        return int(status.split()[-1])
+
+    async def release_stale_claims(
+        self, before: datetime, held: Sequence[int], limit: int
+    ) -> dict[int, int]:
+        """Up to `limit` claimed rows, claimed before `before` and not in `held`, back to
+        pending; return queue_id → count."""
+        rows = await self._fetch(q.RELEASE_STALE_CLAIMS, before, list(held), limit)
+        return {r["queue_id"]: r["n"] for r in rows}
 
     async def delete_finished(
         self, done_before: datetime, failed_before: datetime, limit: int

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from throttled import metrics
 from throttled.hubspot.client import _UNREACHABLE, MAX_TOKEN_LIFETIME_S, TokenError
 
 MAX_TOKEN_CHARS = 4096
@@ -154,15 +156,28 @@ class OAuth:
         self, method: str, url: str, what: str, form: dict[str, str] | None
     ) -> tuple[int, Any]:
         """One request: (status, JSON body or None). Unreachable: TokenError."""
+        started = time.monotonic()
         try:
             async with self._session.request(
                 method, url, data=form, timeout=self._timeout, allow_redirects=False
             ) as resp:
-                return resp.status, _json(await _read_bounded(resp, MAX_ANSWER_BYTES))
+                answer = resp.status, _json(await _read_bounded(resp, MAX_ANSWER_BYTES))
         except _UNREACHABLE as exc:
+            _observe(what, started, 0)  # (0: no whole answer)
             raise TokenError(
                 f"{what}: HubSpot unreachable ({type(exc).__name__})", permanent=False
             ) from None
+        _observe(what, started, answer[0])
+        return answer
+
+
+def _observe(what: str, started: float, status: int) -> None:
+    """One OAuth request's latency, by endpoint (code_exchange, token_refresh, token_info,
+    introspection, revoke) and status."""
+    endpoint = what.replace(" ", "_")
+    metrics.HUBSPOT_LATENCY.observe(
+        time.monotonic() - started, endpoint=endpoint, status=str(status)
+    )
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:

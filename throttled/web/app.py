@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from throttled import metrics
 from throttled.config import Config
@@ -17,11 +19,30 @@ from throttled.db.repository import DatabaseError, DatabaseUnavailable, NewActio
 from throttled.hubspot import signature
 from throttled.hubspot.action import PayloadError, parse
 from throttled.ingest import Overloaded, Stopping
-from throttled.web import actions_api, audit_api, config_api, oauth, openapi, portals, queues_api
+from throttled.web import (
+    actions_api,
+    audit_api,
+    config_api,
+    dashboard,
+    dashboard_api,
+    oauth,
+    openapi,
+    portals,
+    queues_api,
+)
 from throttled.web.admin import admin_only
-from throttled.web.services import SERVICES, Services, clip, error, storage_unavailable
+from throttled.web.services import (
+    ERROR_CODE,
+    SERVICES,
+    Services,
+    clip,
+    error,
+    storage_unavailable,
+)
 
 log = structlog.get_logger(__name__)
+
+METRICS: web.AppKey[Handler] = web.AppKey("metrics")  # the /metrics handler, over its registry
 
 
 def signed_uri(request: web.Request, public_url: str) -> str:
@@ -43,6 +64,15 @@ _DECODED = frozenset({"gzip", "x-gzip", "deflate"})
 
 async def handle_action(request: web.Request) -> web.StreamResponse:
     """POST /api/hubspot/action: verify, validate, store durably, answer BLOCK."""
+    response = await _answer_action(request)
+    result = "accepted" if response.status == 200 else response.get(ERROR_CODE, "unknown")
+    metrics.RECEIVED.inc(result=result)
+    if result != "accepted":
+        metrics.REJECTED.inc(reason=result)
+    return response
+
+
+async def _answer_action(request: web.Request) -> web.StreamResponse:
     try:  # no handler may answer a bare 500: anything unexpected is logged, answered JSON
         services = request.app[SERVICES]
         cfg = services.config
@@ -239,15 +269,25 @@ def guarded(handler: Handler) -> Handler:
 
 
 async def handle_healthz(request: web.Request) -> web.Response:
-    """GET /healthz: the process is up."""
-    return web.json_response({"status": "ok"})
+    """GET /healthz: the process is up and its event loop keeps time (the loop's lag; 503 if
+    its ticker has not run for a while). A loop stuck for good cannot answer at all: that is
+    systemd's watchdog's to catch."""
+    loop = request.app[SERVICES].loop
+    if loop is None:
+        return web.json_response({"status": "ok"})
+    alive, details = loop.snapshot()
+    status = "ok" if alive else "loop_stalled"
+    return web.json_response({"status": status, **details}, status=200 if alive else 503)
 
 
 async def handle_readyz(request: web.Request) -> web.Response:
-    """GET /readyz: accepting actions and the database answers."""
+    """GET /readyz: accepting actions, the schema is this build's and the database answers."""
     services = request.app[SERVICES]
     if services.stopping:
         return web.json_response({"status": "stopping"}, status=503)
+    if services.schema_problem:
+        body = {"status": "migrations_not_current", "reason": services.schema_problem}
+        return web.json_response(body, status=503)
     try:
         await services.repo.ping()
     except DatabaseError:
@@ -255,25 +295,27 @@ async def handle_readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
-async def handle_metrics(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus text format."""
-    return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8")
+async def handle_metrics(request: web.Request) -> web.StreamResponse:
+    """GET /metrics: Prometheus text format (OpenMetrics if asked), from memory only."""
+    return await request.app[METRICS](request)
 
 
-def make_app(services: Services) -> web.Application:
-    """The aiohttp application. Unknown paths and methods are answered as JSON by a catch-all
-    route rather than a middleware, which would wrap every request, the hot one included."""
+def make_app(services: Services, registry: CollectorRegistry | None = None) -> web.Application:
+    """The aiohttp application; /metrics serves `registry` (default: one without a daemon's
+    readings). Unknown paths and methods are answered as JSON by a catch-all route rather
+    than a middleware, which would wrap every request, the hot one included."""
     app = web.Application(
         client_max_size=services.config.ingest.max_body_bytes,
         handler_args={"auto_decompress": False},  # the action endpoint decodes (see _decode)
     )
     app[SERVICES] = services
+    app[METRICS] = make_aiohttp_handler(registry or metrics.app_registry())
 
     def admin(handler: Handler) -> Handler:
         return guarded(admin_only(handler, lambda request: request.app[SERVICES].admin, error))
 
-    # Token-free: the action endpoint (signed), the OAuth flow (its state), health, metrics and
-    # the OpenAPI document (it holds no secrets).
+    # Token-free: the action endpoint (signed), the OAuth flow (its state), health, metrics,
+    # the OpenAPI document and the dashboard's page and files (they hold no secrets).
     routes: list[tuple[str, str, Handler]] = [
         ("POST", "/api/hubspot/action", handle_action),
         ("GET", "/api/oauth/authorize", guarded(oauth.authorize)),
@@ -296,6 +338,11 @@ def make_app(services: Services) -> web.Application:
         ("GET", "/api/portals/{id}", admin(portals.show_portal)),
         ("POST", "/api/portals/{id}/test", admin(portals.test_portal)),
         ("DELETE", "/api/portals/{id}/connection", admin(portals.disconnect_portal)),
+        ("GET", "/api/failures", admin(dashboard_api.list_failures)),
+        ("GET", "/api/throughput", admin(dashboard_api.throughput)),
+        ("GET", "/", guarded(dashboard.page)),
+        ("GET", "/static/{name}", guarded(dashboard.static_file)),
+        ("GET", "/static/vendor/{name}", guarded(dashboard.vendor_file)),
         ("GET", "/healthz", guarded(handle_healthz)),
         ("GET", "/readyz", guarded(handle_readyz)),
         ("GET", "/metrics", guarded(handle_metrics)),

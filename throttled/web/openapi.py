@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from throttled.hubspot.signature import SIGNATURE, SIGNATURE_V3, SIGNATURE_VERSION, TIMESTAMP
 from throttled.queue_view import SORTS, STATES
-from throttled.web import schemas
+from throttled.web import dashboard_api, schemas
 from throttled.web.config_api import MAX_BODY_BYTES, MAX_ID, PAGE_MAX, RateFields, ThrottleConfig
 from throttled.web.oauth import MAX_CODE_CHARS, MAX_STATE_CHARS
 from throttled.web.queues_api import FailPending, RateOverride
@@ -50,6 +50,8 @@ _MODELS: tuple[type[BaseModel], ...] = (
     schemas.PortalPage,
     schemas.PortalTest,
     schemas.PortalDisconnected,
+    schemas.FailurePage,
+    schemas.Throughput,
 )
 
 # What each error status means, unless an operation says more.
@@ -448,6 +450,72 @@ def _portals() -> dict[str, Any]:
     }
 
 
+def _dashboard_data() -> dict[str, Any]:
+    def bounded(name: str, default: int, largest: int, text: str) -> dict[str, Any]:
+        schema = {"type": "integer", "minimum": 1, "maximum": largest, "default": default}
+        return _param("query", name, schema, text)
+
+    failures = dashboard_api.FAILURES_DEFAULT, dashboard_api.FAILURES_MAX
+    minutes = dashboard_api.MINUTES_DEFAULT, dashboard_api.MINUTES_MAX
+    return {
+        "/api/failures": {
+            "get": _admin(
+                "list_failures",
+                "dashboard",
+                "The latest failed or expired actions, newest first",
+                _json("the failures", _ref("FailurePage")),
+                params=[bounded("limit", *failures, "how many")],
+                errors=_errors(400, e400="limit is not valid"),
+            )
+        },
+        "/api/throughput": {
+            "get": _admin(
+                "throughput",
+                "dashboard",
+                "Completions per minute (done, failed, expired), and done per queue",
+                _json("every minute of the window, oldest first", _ref("Throughput")),
+                params=[bounded("minutes", *minutes, "the window, up to now")],
+                errors=_errors(400, e400="minutes is not valid"),
+            )
+        },
+    }
+
+
+def _dashboard_page() -> dict[str, Any]:
+    cache = {"Cache_Control": {"schema": {"type": "string"}}}
+
+    def files(op_id: str, summary: str) -> dict[str, Any]:
+        code = {"schema": {"type": "string"}}
+        ok = {
+            "description": "the file",
+            "content": {"text/javascript": code, "text/css": code, "image/svg+xml": code},
+            "headers": {name.replace("_", "-"): h for name, h in cache.items()},
+        }
+        return {
+            "parameters": [_param("path", "name", {"type": "string"}, "the file's name")],
+            "get": {
+                "operationId": op_id,
+                "tags": ["dashboard"],
+                "summary": summary,
+                "responses": {"200": ok, **_errors(404, e404="no such file")},
+            },
+        }
+
+    csp = {"Content_Security_Policy": {"schema": {"type": "string"}}}
+    return {
+        "/": {
+            "get": {
+                "operationId": "dashboard",
+                "tags": ["dashboard"],
+                "summary": "The operator's dashboard (the page asks for the admin token)",
+                "responses": {"200": _html("the page", **cache, **csp)},
+            }
+        },
+        "/static/{name}": files("dashboard_file", "The dashboard's script, style sheet, icon"),
+        "/static/vendor/{name}": files("dashboard_vendor_file", "The vendored chart library"),
+    }
+
+
 def _operations() -> dict[str, Any]:
     def probe(op_id: str, summary: str, responses: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -462,13 +530,17 @@ def _operations() -> dict[str, Any]:
     status = _ref("Status")
     text = {"text/plain": {"schema": {"type": "string"}}}
     return {
-        "/healthz": probe("healthz", "The process is up", {"200": _json("ok", status)}),
+        "/healthz": probe(
+            "healthz",
+            "The process is up and its event loop keeps time",
+            {"200": _json("ok", status), "503": _json("loop_stalled", status)},
+        ),
         "/readyz": probe(
             "readyz",
-            "Accepting actions, and the database answers",
+            "Accepting actions, the schema is current, and the database answers",
             {
                 "200": _json("ready", status),
-                "503": _json("stopping, or database_unavailable", status),
+                "503": _json("stopping, migrations_not_current or database_unavailable", status),
             },
         ),
         "/metrics": probe(
@@ -518,7 +590,8 @@ def document() -> dict[str, Any]:
     except importlib.metadata.PackageNotFoundError:
         version = "0"
     paths = {**_action(), **_oauth(), **_configs(), **_audit_and_actions()}
-    paths |= {**_queues(), **_portals(), **_operations()}
+    paths |= {**_queues(), **_portals(), **_dashboard_data(), **_operations()}
+    paths |= _dashboard_page()
     return {
         "openapi": "3.1.0",
         "info": {"title": "throttled", "version": version, "description": _DESCRIPTION},
@@ -543,7 +616,18 @@ def document() -> dict[str, Any]:
     }
 
 
-_TAGS = ("action", "oauth", "configs", "queues", "portals", "actions", "audit", "health", "meta")
+_TAGS = (
+    "action",
+    "oauth",
+    "configs",
+    "queues",
+    "portals",
+    "actions",
+    "audit",
+    "dashboard",
+    "health",
+    "meta",
+)
 
 
 @functools.cache

@@ -62,7 +62,14 @@ class ActionRequest(BaseModel):
 class Status(_Closed):
     """A health probe's answer."""
 
-    status: str = Field(description="ok, ready, stopping or database_unavailable")
+    status: str = Field(
+        description="ok, loop_stalled, ready, stopping, migrations_not_current or "
+        "database_unavailable"
+    )
+    reason: str | None = Field(default=None, description="why the schema is not current")
+    loop_lag_ms: float | None = Field(default=None, description="how late the loop last woke")
+    loop_max_lag_ms: float | None = None
+    last_tick_s_ago: float | None = None
 
 
 class ConfigView(_Closed):
@@ -270,3 +277,46 @@ class PortalDisconnected(_Closed):
     portal_id: int
     connection: Literal["disconnected"]
     revoked: bool = Field(description="whether HubSpot confirmed the revocation")
+
+
+class Failure(_Closed):
+    """An action that finished without being completed."""
+
+    callback_id: str
+    queue_id: int
+    queue_key: str | None
+    portal_id: int
+    state: Literal["failed", "expired"]
+    last_error: str | None
+    completed_at: AwareDatetime
+
+
+class FailurePage(_Closed):
+    """The latest failed or expired actions, newest first."""
+
+    failures: list[Failure]
+
+
+class MinuteCount(_Closed):
+    """Actions completed in one minute, by how they ended."""
+
+    t: int = Field(description="the minute's start, in Unix seconds")
+    done: int
+    failed: int
+    expired: int
+
+
+class QueueDone(_Closed):
+    """Actions of one queue completed (done) in the window."""
+
+    queue_id: int
+    done: int
+
+
+class Throughput(_Closed):
+    """Completions per minute, oldest first, every minute of the window (the current one
+    last, still counting), and per queue."""
+
+    minutes: int
+    points: list[MinuteCount]
+    done_by_queue: list[QueueDone] = Field(description="only queues with any done")

@@ -11,11 +11,11 @@ from typing import Any
 
 from aiohttp import web
 
-from throttled import metrics
 from throttled.config import Config
 from throttled.db.repository import Repository
 from throttled.ingest import Ingest
 from throttled.intake import Intake
+from throttled.liveness import LoopMonitor
 from throttled.steering import Steering
 from throttled.tokens import Tokens
 from throttled.web.admin import AdminAuth
@@ -39,6 +39,8 @@ class Services:
     clock: Callable[[], float]
     steering: Steering
     stopping: bool = False
+    loop: LoopMonitor | None = None  # (for /healthz)
+    schema_problem: str = ""  # why the schema is not current, found at start (for /readyz)
 
     @property
     def block_body(self) -> bytes:
@@ -58,15 +60,17 @@ class Services:
 
 
 SERVICES = web.AppKey("services", Services)
+ERROR_CODE = web.ResponseKey("error_code", str)  # set on every error() answer
 
 
 def error(status: int, code: str, message: str, **extra: Any) -> web.Response:
     """A JSON error body that names the problem."""
     headers = {"Retry-After": str(extra.pop("retry_after"))} if "retry_after" in extra else None
-    metrics.REJECTED.inc(reason=code)
-    return web.json_response(
+    response = web.json_response(
         {"error": code, "message": message, **extra}, status=status, headers=headers
     )
+    response[ERROR_CODE] = code  # (the action endpoint counts its answers by it)
+    return response
 
 
 def storage_unavailable(services: Services) -> web.Response:
