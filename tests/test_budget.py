@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from tests.conftest import action_payload, wait_for
 from throttled.sender import Budget
 
 PORTAL = 62515
+
+
+def spend(budget: Budget, at: float) -> None:
+    """A request sent at `at` and answered at once."""
+    budget.spend(at)
+    budget.settle(at, at)
 
 
 def test_budget_is_immediate_below_half_then_paced_wider_as_it_fills():
@@ -13,13 +22,13 @@ def test_budget_is_immediate_below_half_then_paced_wider_as_it_fills():
     now = 100.0
     for _ in range(5):  # under half the budget: no waiting
         assert budget.earliest(now) == now
-        budget.spend(now)
+        spend(budget, now)
     # half used: a partial request waits interval / limit x used / (limit - used)
     assert budget.earliest(now) == now + 1.0
-    budget.spend(now + 1.0)
+    spend(budget, now + 1.0)
     assert budget.earliest(now + 1.0) == now + 1.0 + 6 / 4
     for _ in range(4):
-        budget.spend(now + 2.0)
+        spend(budget, now + 2.0)
     # all 10 used within the window: nothing goes until the oldest leaves it
     assert budget.hard_earliest(now + 5.0) == now + 10.0
     assert budget.earliest(now + 5.0) == now + 10.0
@@ -32,11 +41,45 @@ def test_budget_never_allows_more_than_limit_in_any_window():
         t = 0.0
         while len(sent) < 200:
             t = pick(budget, t)
-            budget.spend(t)
+            spend(budget, t)
             sent.append(t)
         for i, start in enumerate(sent):
             inside = [s for s in sent[i:] if s < start + 2.0]
             assert len(inside) <= 7
+
+
+def test_requests_in_flight_hold_their_places_until_answered():
+    budget = Budget(2, 1.0)
+    budget.spend(0.0)
+    budget.spend(0.1)
+    assert budget.hard_earliest(5.0) == float("inf")  # both may still arrive any moment
+    budget.settle(0.0, 5.0)
+    assert budget.hard_earliest(5.0) == 6.0  # the answered one counts from its answer
+    budget.settle(0.1, 5.5)
+    assert budget.hard_earliest(5.6) == 6.0  # two answered: the older leaves first
+
+
+@given(
+    st.lists(st.tuples(st.floats(0.0, 0.5), st.floats(0.0, 0.5)), min_size=1, max_size=120),
+    st.integers(1, 8),
+)
+def test_arrivals_stay_within_the_budget_whatever_the_network_delays(delays, limit):
+    """Each request arrives `to` after it is sent and is answered `back` after that; it is
+    settled at its answer. However unevenly the network delays them, HubSpot (counting at
+    arrival) never sees more than `limit` in a window. (One request at a time, as a sender
+    with one request in flight.)"""
+    budget = Budget(limit, 1.0)
+    arrivals: list[float] = []
+    t = 0.0
+    for to, back in delays:
+        t = budget.hard_earliest(t)
+        budget.spend(t)
+        arrivals.append(t + to)
+        budget.settle(t, t + to + back)
+        t += to + back
+    arrivals.sort()
+    for i, start in enumerate(arrivals):
+        assert len([a for a in arrivals[i:] if a < start + 1.0]) <= limit
 
 
 async def _post(daemon, n: int, fields: dict[str, str], workflow_id: int) -> list[str]:

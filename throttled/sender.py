@@ -7,6 +7,7 @@ exact-rate invariant holds at send time whatever the scheduler planned.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import itertools
 import math
@@ -190,34 +191,52 @@ class Budget:
     less than half the budget is spent; beyond that, partial requests are spaced further and
     further apart as the window fills, so they wait to gather more callbacks and the rest of
     the budget stays free for full requests and for queues waking from idle.
+
+    HubSpot counts a request when it arrives: some time after it was sent, before its answer
+    came. So a request in flight takes its place in the budget until it is answered (it may
+    arrive at any moment), and then counts from its answer's instant (settle), the latest
+    HubSpot can have counted it at. However unevenly the network delays requests, HubSpot
+    never sees more than `limit` in a window.
     """
 
     def __init__(self, limit: int, interval_s: float) -> None:
         self.limit = limit
         self.interval_s = interval_s
-        self._log: deque[float] = deque()
+        self._log: list[float] = []  # answered requests: answer instants, in order
+        self._open: list[float] = []  # requests in flight: when each was sent
 
     def hard_earliest(self, now: float) -> float:
-        """When the budget allows the next request at all."""
-        while self._log and self._log[0] <= now - self.interval_s:
-            self._log.popleft()
-        if len(self._log) >= self.limit:
-            return self._log[-self.limit] + self.interval_s
+        """When the budget allows the next request at all (never, until one in flight is
+        answered, when those in flight fill it)."""
+        expired = bisect.bisect_right(self._log, now - self.interval_s)
+        if expired:
+            del self._log[:expired]
+        free = self.limit - len(self._open)
+        if free <= 0:
+            return math.inf
+        if len(self._log) >= free:
+            return self._log[-free] + self.interval_s
         return now
 
     def earliest(self, now: float) -> float:
         """When the next partial request may go: at once below half the budget; beyond
         that, spaced interval/limit x used/(limit - used) after the previous one."""
         hard = self.hard_earliest(now)
-        used = len(self._log)
+        used = len(self._log) + len(self._open)
         if hard > now or used * 2 < self.limit:
             return hard
         gap = self.interval_s / self.limit * used / (self.limit - used)
-        return max(now, self._log[-1] + gap)
+        return max(now, max(self._log[-1:] + self._open) + gap)
 
     def spend(self, at: float) -> None:
-        """Count one request at `at`."""
-        self._log.append(at)
+        """A request goes at `at`: it holds a place until settled."""
+        self._open.append(at)
+
+    def settle(self, sent_at: float, answered_at: float) -> None:
+        """The request sent at `sent_at` was answered (or given up) at `answered_at`."""
+        if sent_at in self._open:
+            self._open.remove(sent_at)
+        bisect.insort(self._log, max(sent_at, answered_at))
 
 
 AUTH_RETRIES = 3  # different access tokens refused (401) in a row before a 401 counts
@@ -461,6 +480,7 @@ class PortalSender:
                 _retry_all(rows, at, self._d.clock(), "internal error", counted=False, sent=False)
             )
         finally:
+            self._budget.settle(at, self._d.clock())  # (HubSpot counted it by now, if at all)
             self._in_flight.release()
             self._wake.set()
 
