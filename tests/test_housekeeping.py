@@ -180,6 +180,36 @@ async def test_rate_log_pruning_keeps_what_a_window_can_see(daemon_factory, db):
         assert db.execute("SELECT count(*) FROM queue_sends").fetchone() == (2,)
 
 
+async def test_an_overrides_long_window_keeps_its_sends_through_retention_and_pruning(
+    daemon_factory, db
+):
+    """1 per 30 days by override (the stored policy says 5 per hour, and the queue is not
+    tracked): a send 2 days old still counts, so neither job may delete it."""
+    sections = {"retention": {"days": 0.5}}
+    async with daemon_factory(**sections) as daemon:
+        [sent] = await store(daemon, 1, {"maxThroughput": "5", "timeUnit": "hours", **LATER})
+        [queue_id] = {r[0] for r in db.execute("SELECT id FROM queues").fetchall()}
+        db.execute(
+            'UPDATE queues SET override = \'{"max_throughput": 1, "time_period": 30,'
+            ' "time_unit": "days"}\''
+        )
+        set_rows(
+            db,
+            [sent],
+            "state = 'done', completed_at = now() - interval '2 days',"
+            " sent_at = now() - interval '2 days'",
+        )
+        db.execute(
+            "INSERT INTO queue_sends (queue_id, sent_at, n) VALUES (%s, now() - interval"
+            " '2 days', 1)",
+            (queue_id,),
+        )
+        daemon.runtime.scheduler.queues.clear()  # (as after a restart, with the queue idle)
+        assert (await retention.run_once(daemon.runtime))["actions"] == 0
+        assert await rate_log.run_once(daemon.runtime) == {"pruned": 0}
+        assert set(states(db)) == {sent}
+
+
 # -- deadlines ------------------------------------------------------------------------------
 
 

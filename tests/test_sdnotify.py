@@ -116,6 +116,10 @@ async def test_without_a_watchdog_only_ready_status_and_stopping(
         ({"WATCHDOG_USEC": "0"}, 7, None),
         ({"WATCHDOG_USEC": "-5"}, 7, None),
         ({"WATCHDOG_USEC": "soon"}, 7, None),
+        ({"WATCHDOG_USEC": "²"}, 7, None),  # (isdigit() says yes; int() says no)
+        ({"WATCHDOG_USEC": "1" + "0" * 400}, 7, None),
+        ({"WATCHDOG_USEC": "9" * 5000}, 7, None),
+        ({"WATCHDOG_USEC": "1"}, 7, 0.01),  # a floor: never a busy loop of pings
     ],
 )
 def test_watchdog_interval_is_half_of_watchdog_usec_for_this_process(environ, pid, expected):

@@ -42,7 +42,7 @@ def _read_one(path: Path, name: str) -> str:
     if len(data) > MAX_BYTES:
         raise CredentialError(f"credential {name!r}: larger than {MAX_BYTES} bytes")
     try:
-        text = data.decode("utf-8").strip()
+        text = data.decode("utf-8").removeprefix("\ufeff").strip()  # (a BOM is no part of it)
     except UnicodeDecodeError:
         raise CredentialError(f"credential {name!r}: not UTF-8 text") from None
     if not text:

@@ -59,6 +59,9 @@ class Notifier:
             self._socket = None
 
 
+MIN_WATCHDOG_S = 0.01  # pings at most this often, whatever WATCHDOG_USEC says
+
+
 def watchdog_interval(environ: Mapping[str, str], pid: int | None = None) -> float | None:
     """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), None when the watchdog is
     off or meant for another process (WATCHDOG_PID)."""
@@ -66,9 +69,10 @@ def watchdog_interval(environ: Mapping[str, str], pid: int | None = None) -> flo
     if owner and owner != str(os.getpid() if pid is None else pid):
         return None
     usec = environ.get("WATCHDOG_USEC", "")
-    if not usec.isdigit() or int(usec) == 0:
+    # (ASCII digits only, at most 20: str.isdigit() takes '²', which int() refuses)
+    if not (usec.isascii() and usec.isdigit() and len(usec) <= 20) or int(usec) == 0:
         return None
-    return int(usec) / 2e6
+    return max(int(usec) / 2e6, MIN_WATCHDOG_S)
 
 
 async def keepalive(

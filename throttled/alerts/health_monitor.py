@@ -24,6 +24,8 @@ from throttled.health import Health
 
 log = structlog.get_logger(__name__)
 
+LOG_EACH = 20  # alerts of one check logged one by one; beyond, summed in one line
+
 
 class HealthMonitor:
     """Turns conditions into start and clear alerts, de-duplicated by condition + subject."""
@@ -64,17 +66,33 @@ class HealthMonitor:
         for key in [k for k in self.firing if k not in holding]:
             condition, since = self.firing.pop(key)
             alerts.append(_payload(condition, "resolved", now, since=since))
+        # Portal alerts before queue alerts: if the delivery queue fills in a storm, what is
+        # dropped is the least important.
+        alerts.sort(key=lambda a: a["alert"].startswith("queue_"))
         for alert in alerts:
-            self._report(alert)
+            self._webhook.send(alert)
+        self._webhook.flush_drops()
+        self._log(alerts)
         return alerts
 
-    def _report(self, alert: dict[str, Any]) -> None:
-        fields = {k: alert[k] for k in ("alert", "subject", "details")}
-        if alert["status"] == "firing":
-            log.warning("alert_firing", **fields)
-        else:
-            log.info("alert_resolved", **fields)
-        self._webhook.send(alert)
+    @staticmethod
+    def _log(alerts: list[dict[str, Any]]) -> None:
+        """One line per alert while they are few; past LOG_EACH in one check, one line with
+        the counts and a sample (a storm must not flood the journal)."""
+        if len(alerts) <= LOG_EACH:
+            for alert in alerts:
+                fields = {k: alert[k] for k in ("alert", "subject", "details")}
+                if alert["status"] == "firing":
+                    log.warning("alert_firing", **fields)
+                else:
+                    log.info("alert_resolved", **fields)
+            return
+        counts: dict[str, int] = {}
+        for alert in alerts:
+            name = f"{alert['alert']}.{alert['status']}"
+            counts[name] = counts.get(name, 0) + 1
+        sample = [{k: a[k] for k in ("alert", "status", "subject")} for a in alerts[:LOG_EACH]]
+        log.warning("alerts_changed", total=len(alerts), counts=counts, sample=sample)
 
 
 def _payload(

@@ -25,6 +25,8 @@ from throttled.aio import wait_event
 
 log = structlog.get_logger(__name__)
 
+MAX_ANSWER_BYTES = 64 << 10  # of a receiver's answer read (its status is what counts)
+
 MAX_QUEUED = 100
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 60.0
@@ -59,6 +61,7 @@ class Webhook:
         self.sent = 0
         self.failed = 0
         self.dropped = 0
+        self._unreported_drops = 0
 
     @property
     def enabled(self) -> bool:
@@ -77,16 +80,23 @@ class Webhook:
         return len(self._queue)
 
     def send(self, payload: dict[str, Any]) -> None:
-        """Queue an alert for delivery; never blocks."""
+        """Queue an alert for delivery; never blocks. Past the queue's bound the alert is
+        dropped: counted, and reported in one line per burst (flush_drops), not per alert."""
         if not self._url:
             return
         if len(self._queue) >= self._max_queued:
             self.dropped += 1
+            self._unreported_drops += 1
             ALERTS.inc(outcome="dropped")
-            log.error("alert_dropped", alert=payload.get("alert"), queued=len(self._queue))
             return
         self._queue.append(payload)
         self._wake.set()
+
+    def flush_drops(self) -> None:
+        """Report the alerts dropped since the last report, in one line."""
+        if self._unreported_drops:
+            log.error("alerts_dropped", count=self._unreported_drops, queued=len(self._queue))
+            self._unreported_drops = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver queued alerts until `stop`. A post or backoff under way then is cut short
@@ -156,7 +166,7 @@ class Webhook:
         """One attempt: ("", _) when delivered, else (why, whether to retry)."""
         try:
             async with session.post(self._url, json=payload, allow_redirects=False) as resp:
-                await resp.read()
+                await resp.content.read(MAX_ANSWER_BYTES)  # (the rest is never read)
                 if 200 <= resp.status < 300:
                     return "", False
                 return f"HTTP {resp.status}", resp.status >= 500 or resp.status == 429

@@ -395,6 +395,9 @@ DELETE_EXPIRED_OAUTH_STATES = "DELETE FROM oauth_states WHERE expires_at <= $1"
 PING = "SELECT 1"
 
 # (a policy edited by hand may hold anything: only numbers count, at most 366 days)
+# Queues with an operator override: its window may be longer than the stored policy's.
+OVERRIDDEN_QUEUES = "SELECT policy, override FROM queues WHERE override IS NOT NULL"
+
 LONGEST_PERIOD = """
 SELECT max(LEAST((policy->>'period_s')::numeric, 31622400))::float8 AS longest FROM queues
 WHERE jsonb_typeof(policy->'period_s') = 'number'

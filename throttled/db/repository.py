@@ -663,9 +663,18 @@ class Repository(OperatorQueries):
         return [(r["portal_id"], r["action_id"], r["policy"]) for r in rows]
 
     async def longest_period(self) -> float:
-        """The longest period among stored queue policies, seconds (0 if none)."""
+        """The longest rate window of any queue, seconds (0 if none): of the stored policies,
+        and of the effective policies of queues an operator overrode (an override of 1 per
+        30 days keeps its sends counted for 30 days, tracked or not)."""
+        from throttled.queues import safe_policy
+
         rows = await self._fetch(q.LONGEST_PERIOD)
-        return float(rows[0]["longest"] or 0.0)
+        longest = float(rows[0]["longest"] or 0.0)
+        for row in await self._fetch(q.OVERRIDDEN_QUEUES):
+            policy, _, _ = safe_policy(row["policy"], row["override"])
+            if policy is not None:
+                longest = max(longest, policy.period_s)
+        return longest
 
     async def pending_by_queue(self) -> list[tuple[int, int, datetime]]:
         """(queue_id, pending rows, latest deadline) for every queue with a backlog."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -38,6 +39,7 @@ class Services:
     auth_base_url: str
     clock: Callable[[], float]
     steering: Steering
+    ping: asyncio.Future[None] | None = None  # the readiness query under way (shared)
     stopping: bool = False
     loop: LoopMonitor | None = None  # (for /healthz)
     schema_problem: str = ""  # why the schema is not current, found at start (for /readyz)
