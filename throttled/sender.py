@@ -204,6 +204,7 @@ class Budget:
         self.interval_s = interval_s
         self._log: list[float] = []  # answered requests: answer instants, in order
         self._open: list[float] = []  # requests in flight: when each was sent
+        self._last_sent = -math.inf
 
     def hard_earliest(self, now: float) -> float:
         """When the budget allows the next request at all (never, until one in flight is
@@ -226,11 +227,12 @@ class Budget:
         if hard > now or used * 2 < self.limit:
             return hard
         gap = self.interval_s / self.limit * used / (self.limit - used)
-        return max(now, max(self._log[-1:] + self._open) + gap)
+        return max(now, self._last_sent + gap)  # (the pace is between sends)
 
     def spend(self, at: float) -> None:
         """A request goes at `at`: it holds a place until settled."""
         self._open.append(at)
+        self._last_sent = max(self._last_sent, at)
 
     def settle(self, sent_at: float, answered_at: float) -> None:
         """The request sent at `sent_at` was answered (or given up) at `answered_at`."""
