@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import action_payload, wait_for
-from throttled.sender import Budget
+from throttled.drain.budget import Budget
 
 PORTAL = 62515
 

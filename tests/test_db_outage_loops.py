@@ -137,7 +137,7 @@ async def test_every_loop_rides_out_an_outage_and_the_work_resumes(
 
             status, body = await daemon.post_action(action_payload(portal_id=PORTAL))
             assert (status, body["error"]) == (503, "database_unavailable")
-            loops = {"scheduler", "result-writer", "maintenance"}
+            loops = {"claimer", "result-writer", "maintenance"}
             await until(daemon, lambda: loops <= failed_loops(events), OUTAGE_WAIT_S)
             assert not daemon.task.done(), "the daemon stopped during the outage"
 

@@ -158,9 +158,9 @@ async def test_stale_claims_are_released_unless_held_or_recent(daemon_factory, d
 
 
 def _done_outcome(row: Any) -> Any:
-    from throttled.sender import _Outcome
+    from throttled.drain.outcomes import Outcome
 
-    return _Outcome(done=[(row, time.time())])
+    return Outcome(done=[(row, time.time())])
 
 
 # -- rate log -------------------------------------------------------------------------------

@@ -30,10 +30,10 @@ from throttled import config as config_module
 from throttled import rates
 from throttled.config import ConfigError
 from throttled.db.repository import QueueRow, Repository
+from throttled.drain.supervisor import _safe_policy
 from throttled.hubspot.action import PayloadError, parse
 from throttled.intake import Intake
 from throttled.queues import QueueLimiter
-from throttled.scheduler import _safe_policy
 
 CI = bool(os.environ.get("CI"))
 EXAMPLES = int(os.environ.get("THROTTLED_PROPERTY_EXAMPLES", "150" if CI else "300"))

@@ -11,7 +11,8 @@ import psycopg
 import pytest
 
 from throttled.db.repository import DatabaseError, Repository, Retry
-from throttled.sender import Hooks, ResultWriter, _Outcome
+from throttled.drain.outcomes import Outcome
+from throttled.drain.result_writer import ResultWriter
 
 FAIL_FAILED_WRITES = """
 CREATE TABLE fail_flag ();
@@ -42,7 +43,7 @@ async def test_a_retry_written_before_a_failure_is_not_written_again(db_url: str
             await repo.claim([1], [3], datetime.now(UTC)), key=lambda r: r.callback_id
         )
         queue: Any = SimpleNamespace(id=1)
-        outcome = _Outcome(
+        outcome = Outcome(
             done=[(done, time.time())],
             retry=[
                 (
@@ -54,7 +55,7 @@ async def test_a_retry_written_before_a_failure_is_not_written_again(db_url: str
             ],
             failed=[(failed, "400 rejected", None)],
         )
-        writer = ResultWriter(repo, Hooks)
+        writer = ResultWriter(repo)
         writer.add(outcome)
         with pytest.raises(DatabaseError):
             await writer.flush()  # done and retry written, then the failed write fails

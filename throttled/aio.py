@@ -1,9 +1,10 @@
-"""What the long-running loops share: an interruptible wait, and riding out a database outage."""
+"""What the long-running loops share: interruptible waits, and riding out a database outage."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import structlog
 
@@ -24,6 +25,68 @@ async def wait_event(event: asyncio.Event, timeout: float | None, *others: async
     finally:
         for w in waiters:
             w.cancel()
+
+
+class Alarm:
+    """An interruptible sleep for one sleeper, without a task per wait: ring() ends the
+    current sleep at once, or the next one if none is under way."""
+
+    __slots__ = ("_rung", "_waiter")
+
+    def __init__(self) -> None:
+        self._waiter: asyncio.Future[bool] | None = None
+        self._rung = False
+
+    def ring(self) -> None:
+        """Wake the sleeper (now, or at its next sleep)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+        else:
+            self._rung = True
+
+    async def sleep(self, delay: float | None) -> bool:
+        """Sleep `delay` seconds (None: until rung); whether it was rung."""
+        if self._rung:
+            self._rung = False
+            return True
+        if delay is not None and delay <= 0:
+            return False
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = None if delay is None else loop.call_later(delay, _ring_off, waiter)
+        try:
+            rung: bool = await waiter
+            return rung
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+
+def _ring_off(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+async def first_of(*futures: asyncio.Future[Any]) -> None:
+    """Wait until one of the futures is done (none is cancelled, none is awaited for its
+    result), without a task per future."""
+    if any(f.done() for f in futures):
+        return
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def done(_: asyncio.Future[Any]) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    for f in futures:
+        f.add_done_callback(done)
+    try:
+        await waiter
+    finally:
+        for f in futures:
+            f.remove_done_callback(done)
 
 
 class Outage:

@@ -1,4 +1,4 @@
-"""The `throttled` command: serve, migrate, check-config, sign, demo, portals, keys."""
+"""The `throttled` command: serve, migrate, check-config, sign, demo, portals, keys, cluster."""
 
 from __future__ import annotations
 
@@ -153,9 +153,9 @@ def _parser() -> argparse.ArgumentParser:
         "--per-queue", type=_int_in(1, 10_000), default=30, help="actions per queue (1..10000)"
     )
     # (these modules import this one's helpers: imported here, once it is loaded)
-    from throttled import cli_definition, cli_import, cli_ops, cli_portals
+    from throttled import cli_cluster, cli_definition, cli_import, cli_ops, cli_portals
 
-    for module in (cli_portals, cli_import, cli_definition, cli_ops):
+    for module in (cli_portals, cli_import, cli_definition, cli_ops, cli_cluster):
         module.add_commands(sub)
     return parser
 

@@ -260,6 +260,15 @@ class AlertsConfig:
     max_attempts: int = _num(5, 1, 100)
 
 
+MAX_INSTANCE_NAME = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    lease_s: float = _num(15.0, 3, 600)  # a portal's lease, renewed every third of it
+    instance_name: str = ""  # empty: hostname:pid
+
+
 @dataclass(frozen=True, kw_only=True)
 class LoggingConfig:
     level: str = "info"
@@ -278,6 +287,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "(defaults)"
 
@@ -697,6 +707,10 @@ def _check_rules(config: Config) -> None:
         (
             "automation" in config.hubspot.scopes.split(),
             "hubspot.scopes: must include automation (completing callbacks needs it)",
+        ),
+        (
+            len(config.cluster.instance_name) <= MAX_INSTANCE_NAME,
+            f"cluster.instance_name: at most {MAX_INSTANCE_NAME} characters",
         ),
     ]
     for ok, message in checks:

@@ -23,6 +23,8 @@ from throttled.config import Config
 from throttled.db import migrate
 from throttled.db.embedded import embedded_database
 from throttled.db.repository import Repository
+from throttled.drain.dispatcher import Dispatcher
+from throttled.drain.supervisor import Supervisor
 from throttled.exporter import Exporter
 from throttled.housekeeping import maintain_once as maintain_once  # (tests call it)
 from throttled.hubspot.client import HubSpotClient, trace_config
@@ -31,9 +33,7 @@ from throttled.hubspot.oauth import OAuth
 from throttled.ingest import Ingest
 from throttled.intake import Intake
 from throttled.liveness import LoopMonitor
-from throttled.scheduler import Scheduler
 from throttled.sdnotify import Notifier, keepalive, watchdog_interval
-from throttled.sender import Dispatcher
 from throttled.steering import Steering
 from throttled.tokens import WAITING_FOR_CONNECTION, Tokens
 from throttled.web.admin import AdminAuth
@@ -58,7 +58,7 @@ class Runtime:
     config: Config
     port: int
     repo: Repository
-    scheduler: Scheduler
+    scheduler: Supervisor
     dispatcher: Dispatcher
     ingest: Ingest
     services: Services
@@ -242,7 +242,7 @@ async def _assemble(
         clock=clock,
         margin_s=config.sender.send_margin_ms / 1000,
     )
-    scheduler = Scheduler(
+    scheduler = Supervisor(
         repo,
         dispatcher,
         clock=clock,
@@ -392,7 +392,7 @@ def _bound_port(runner: web.AppRunner, configured: int) -> int:
 def status_line(runtime: Runtime) -> str:
     """The one-line summary systemd shows (STATUS=): in-memory counts, no query."""
     queues = runtime.scheduler.queues.values()
-    active = sum(q.active for q in queues)
+    active = runtime.scheduler.active
     return (
         f"{len(queues)} queues ({active} active, {len(runtime.scheduler.at_risk)} at risk); "
         f"{runtime.dispatcher.held} claimed for sending, {runtime.ingest.pending} to commit"

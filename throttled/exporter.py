@@ -15,10 +15,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from throttled import metrics
 from throttled.aio import Outage, wait_event
 from throttled.db.repository import Backlog, DatabaseError, Repository
+from throttled.drain.dispatcher import Dispatcher
+from throttled.drain.supervisor import Supervisor
 from throttled.health import Health
 from throttled.ingest import Ingest
-from throttled.scheduler import Scheduler
-from throttled.sender import Dispatcher
 
 BACKLOG_EVERY_S = 30.0  # the per-portal backlog query: one GROUP BY over the unfinished rows
 _WINDOWS = (("interval", "remaining"), ("daily", "daily_remaining"))  # (label, Health key)
@@ -31,7 +31,7 @@ class Exporter:
         self,
         *,
         repo: Repository,
-        scheduler: Scheduler,
+        scheduler: Supervisor,
         dispatcher: Dispatcher,
         ingest: Ingest,
         health: Health,
@@ -46,9 +46,7 @@ class Exporter:
         readings = metrics.Readings()
         readings.bind(metrics.INGEST_PENDING, lambda: float(ingest.pending))
         readings.bind(metrics.SENDER_HELD, lambda: float(dispatcher.held))
-        readings.bind(
-            metrics.ACTIVE_QUEUES, lambda: float(sum(q.active for q in s.queues.values()))
-        )
+        readings.bind(metrics.ACTIVE_QUEUES, lambda: float(s.active))
         readings.bind(metrics.QUEUES_AT_RISK, lambda: float(len(s.at_risk)))
         readings.bind(
             metrics.QUEUES_HELD,

@@ -66,7 +66,7 @@ def sources(
     defaults."""
     specs: list[tuple[str, rates.PolicySpec]] = []
     if isinstance(detail.override, dict) and detail.override:
-        # (an unreadable override is not applied: see scheduler._safe_policy)
+        # (an unreadable override is not applied: see drain.supervisor._safe_policy)
         with contextlib.suppress(ValueError):
             specs.append(("override", rates.spec_from_mapping(detail.override, where="override")))
     if isinstance(detail.inputs, dict):
@@ -101,6 +101,7 @@ def queue_view(
     config: rates.PolicySpec | None,
     defaults: rates.PolicySpec,
     now: float,
+    held: int = 0,
     at_risk_known: bool | None = None,
 ) -> dict[str, Any]:
     """One queue's view. `live` is the daemon's own state of it (its limiter knows what was
@@ -116,8 +117,7 @@ def queue_view(
             fault = live.limiter.fault
         if fault is not None or policy is None:
             limiter.hold(fault or "no policy")
-    in_sender = live.in_sender if live is not None else 0
-    backlog = stats.pending + in_sender
+    backlog = stats.pending + held  # (rows claimed and held in a sender are still to send)
     paused = detail.paused_at is not None
     normal = backlog - stats.released
     next_send = drains = None

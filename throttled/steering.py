@@ -26,7 +26,7 @@ from throttled.db.repository import Repository, readable_json
 from throttled.intake import Intake
 
 if TYPE_CHECKING:
-    from throttled.scheduler import Scheduler
+    from throttled.drain.supervisor import Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -88,7 +88,7 @@ class Steering:
     """The operator's changes, shared by the admin API and the CLI."""
 
     def __init__(
-        self, repo: Repository, intake: Intake, *, scheduler: Scheduler | None = None
+        self, repo: Repository, intake: Intake, *, scheduler: Supervisor | None = None
     ) -> None:
         self.repo = repo
         self.intake = intake
@@ -240,7 +240,7 @@ class Steering:
                     self._own(await tx.announce({"queues": [queue.id]}))
             except BaseException:
                 if self.scheduler is not None:
-                    self.scheduler.give_back(queue.id, held)
+                    self.scheduler.put_back(queue.id, held)
                 raise
             await self._refresh([queue.id])
         return released

@@ -14,6 +14,7 @@ import asyncpg
 import orjson
 
 from throttled.db import queries as q
+from throttled.db.cluster import ClusterQueries
 from throttled.db.operator import OperatorQueries
 
 
@@ -240,7 +241,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     transaction is still rolled back by the pool itself."""
 
 
-class Repository(OperatorQueries):
+class Repository(OperatorQueries, ClusterQueries):
     """All queries throttled issues, over one asyncpg pool (or one connection of it: held)."""
 
     def __init__(

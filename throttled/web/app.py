@@ -22,6 +22,7 @@ from throttled.ingest import Overloaded, Stopping
 from throttled.web import (
     actions_api,
     audit_api,
+    cluster_api,
     config_api,
     dashboard,
     dashboard_api,
@@ -361,6 +362,7 @@ def make_app(services: Services, registry: CollectorRegistry | None = None) -> w
         ("DELETE", "/api/portals/{id}/connection", admin(portals.disconnect_portal)),
         ("GET", "/api/failures", admin(dashboard_api.list_failures)),
         ("GET", "/api/throughput", admin(dashboard_api.throughput)),
+        ("GET", "/api/cluster", admin(cluster_api.show_cluster)),
         ("GET", "/", guarded(dashboard.page)),
         ("GET", "/static/{name}", guarded(dashboard.static_file)),
         ("GET", "/static/vendor/{name}", guarded(dashboard.vendor_file)),

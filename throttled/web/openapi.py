@@ -52,6 +52,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     schemas.PortalDisconnected,
     schemas.FailurePage,
     schemas.Throughput,
+    schemas.ClusterView,
 )
 
 # What each error status means, unless an operation says more.
@@ -481,6 +482,19 @@ def _dashboard_data() -> dict[str, Any]:
     }
 
 
+def _cluster() -> dict[str, Any]:
+    return {
+        "/api/cluster": {
+            "get": _admin(
+                "show_cluster",
+                "cluster",
+                "The instances sharing the database: heartbeats, and the portals each owns",
+                _json("the instances", _ref("ClusterView")),
+            )
+        }
+    }
+
+
 def _dashboard_page() -> dict[str, Any]:
     cache = {"Cache_Control": {"schema": {"type": "string"}}}
 
@@ -591,7 +605,7 @@ def document() -> dict[str, Any]:
         version = "0"
     paths = {**_action(), **_oauth(), **_configs(), **_audit_and_actions()}
     paths |= {**_queues(), **_portals(), **_dashboard_data(), **_operations()}
-    paths |= _dashboard_page()
+    paths |= {**_dashboard_page(), **_cluster()}
     return {
         "openapi": "3.1.0",
         "info": {"title": "throttled", "version": version, "description": _DESCRIPTION},
@@ -625,6 +639,7 @@ _TAGS = (
     "actions",
     "audit",
     "dashboard",
+    "cluster",
     "health",
     "meta",
 )

@@ -70,6 +70,7 @@ async def _view(services: Services, detail: QueueDetail) -> dict[str, Any]:
         config=config,
         defaults=services.intake.defaults,
         now=_now(services),
+        held=scheduler.held_of(detail.id) if scheduler is not None else 0,
     )
 
 
@@ -199,6 +200,7 @@ def _views(
             config=configs.get((d.portal_id, d.action_id or 0)),
             defaults=defaults,
             now=now,
+            held=scheduler.held_of(d.id) if scheduler is not None else 0,
         )
         for d in details
     ]

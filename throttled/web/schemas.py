@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from throttled.db.cluster import MAX_LISTED_PORTALS
 from throttled.web.config_api import Unit
 
 # (queue_view.SOURCES and STATES as types; tests/test_openapi.py checks they agree)
@@ -320,3 +321,24 @@ class Throughput(_Closed):
     minutes: int
     points: list[MinuteCount]
     done_by_queue: list[QueueDone] = Field(description="only queues with any done")
+
+
+class ClusterInstance(_Closed):
+    """One instance sharing the database, and the portals it validly leases."""
+
+    id: str = Field(description="random, one per process start")
+    name: str = Field(description="cluster.instance_name, or hostname:pid")
+    started_at: AwareDatetime
+    heartbeat_at: AwareDatetime
+    heartbeat_age_s: float = Field(ge=0, description="seconds since its last heartbeat")
+    stopped_at: AwareDatetime | None = Field(description="set by a graceful stop")
+    live: bool = Field(description="not stopped, and a heartbeat within lease_s")
+    portals: list[int] = Field(description=f"the portals it owns (the first {MAX_LISTED_PORTALS})")
+    portal_count: int = Field(ge=0)
+
+
+class ClusterView(_Closed):
+    """The instances sharing the database, oldest first (the database's clock throughout)."""
+
+    lease_s: float = Field(description="cluster.lease_s of the instance that answered")
+    instances: list[ClusterInstance]

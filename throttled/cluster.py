@@ -1,0 +1,388 @@
+"""Portal leases: several `throttled serve` instances on one database, each portal owned by one
+instance at a time (see "Scaling out" in the architecture notes).
+
+An instance owns a portal through a lease row that its heartbeat renews every third of
+`cluster.lease_s`; once a lease expires unrenewed (its owner died or lost the database),
+another instance takes the portal over. Portals that need an owner are spread across the live
+instances: each takes up to its fair share (portals with work or leased, divided by the live
+instances, rounded up), and one holding more hands the excess back when another has room. A
+stopping instance hands every portal back at once. Joining, handing back and stopping are
+announced by NOTIFY, so the others act at once instead of at their next heartbeat.
+
+Lease times are the database's, so skewed clocks do not matter. Locally a lease counts only
+until the instant its renewal was sent + lease_s - a third of lease_s: an instance that
+stalls, or cannot reach the database, stops sending for its portals before another can take
+them over.
+
+The owner (the scheduler) sets `on_gained` (portals taken, with their previous owners: their
+claimed rows are to be reset and their rate log replayed) and `on_lost` (portals to stop
+sending for, at once). `on_gained` may be called again for a portal whose previous call
+raised; neither may call back into acquire() or stop().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, TypeVar
+
+import asyncpg
+import structlog
+
+from throttled.aio import Outage, wait_event
+from throttled.config import MAX_INSTANCE_NAME
+from throttled.db.cluster import CHANNEL, Survey
+from throttled.db.repository import DatabaseError, DatabaseUnavailable, Repository, translate_errors
+
+log = structlog.get_logger(__name__)
+
+Gained = Callable[[set[int], dict[int, str | None]], Awaitable[None]]
+Lost = Callable[[set[int]], Awaitable[None]]
+T = TypeVar("T")
+
+LOGGED_PORTALS = 20  # portal ids a log line names (it counts them all)
+
+
+async def _nothing_gained(portals: set[int], previous: dict[int, str | None]) -> None:
+    """The default on_gained: nothing to set up."""
+
+
+async def _nothing_lost(portals: set[int]) -> None:
+    """The default on_lost: nothing to stop."""
+
+
+def default_name() -> str:
+    """hostname:pid, how an instance without cluster.instance_name is listed."""
+    return f"{socket.gethostname()}:{os.getpid()}"[:MAX_INSTANCE_NAME]
+
+
+def _some(portals: Iterable[int]) -> list[int]:
+    return sorted(portals)[:LOGGED_PORTALS]
+
+
+class Cluster:
+    """This instance's portal leases: which portals it may send for, kept by heartbeat."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        *,
+        lease_s: float,
+        name: str = "",
+        instance_id: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not (math.isfinite(lease_s) and lease_s > 0):
+            raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s!r}")
+        self.id = instance_id or secrets.token_hex(8)  # one per process start
+        self.name = (name or default_name())[:MAX_INSTANCE_NAME]
+        self.lease_s = lease_s
+        self.interval_s = lease_s / 3  # between heartbeats
+        self.margin_s = lease_s / 3  # a lease ends this much sooner here than in the database
+        self.on_gained: Gained = _nothing_gained
+        self.on_lost: Lost = _nothing_lost
+        self._repo = repo
+        self._clock = clock
+        self._until: dict[int, float] = {}  # portal -> the local instant its lease ends
+        self._handed: dict[int, float] = {}  # portal -> when it was handed back (recently)
+        self._calm_until = -math.inf  # no rebalancing before then (see _take)
+        self._unreleased: set[int] = set()  # handed back here, not yet in the database
+        self._live = 1  # live instances, and portals with work or leased, at the last survey
+        self._total = 0
+        self._registered = False
+        self._lock = asyncio.Lock()  # one change of the leases at a time
+        self._wake = asyncio.Event()  # another instance announced something
+        self._halted = asyncio.Event()  # stop() was called
+
+    # -- what the scheduler asks ------------------------------------------------------------
+
+    @property
+    def owned(self) -> set[int]:
+        """The portals this instance may send for now (by local reckoning)."""
+        now = self._clock()
+        return {p for p, until in self._until.items() if until > now}
+
+    def owns(self, portal_id: int) -> bool:
+        """Whether this instance may send for this portal now."""
+        return self._until.get(portal_id, -math.inf) > self._clock()
+
+    def fair_share(self, extra: int = 0) -> int:
+        """Portals with work or leased (and `extra` more) per live instance, rounded up."""
+        return math.ceil((self._total + extra) / self._live)
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Register this instance (the others are told) and take a first look at the cluster."""
+        async with self._lock:
+            await self._register()
+            self._note(await self._db(self._repo.survey(self.id, self.lease_s)))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Heartbeat, renew, take over and rebalance until stopped; listen for the others'
+        announcements meanwhile. Through a database outage, try again (the leases lapse
+        locally in the meantime)."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._listen(stop), name="cluster_listen")
+            await self._beat(stop)
+
+    async def stop(self) -> None:
+        """Hand every portal back at once, mark this instance stopped and tell the others.
+        Call it once nothing more is sent (on_lost is not called)."""
+        self._halted.set()
+        async with self._lock:
+            portals, self._until = set(self._until), {}
+            if not self._registered:
+                return
+            self._registered = False
+            try:
+                released = await asyncio.shield(self._db(self._repo.stop_instance(self.id)))
+            except DatabaseError as exc:  # (the leases expire on their own)
+                log.warning("cluster_stop_failed", instance=self.id, error=str(exc))
+                return
+        log.info("cluster_stopped", instance=self.id, portals=len(portals), released=released)
+
+    # -- taking and giving back -------------------------------------------------------------
+
+    async def acquire(self, portal_ids: Iterable[int]) -> set[int]:
+        """Take those of these portals that nobody validly owns, now (work arrived for them),
+        up to this instance's fair share; the portals taken."""
+        if self._halted.is_set():
+            return set()
+        async with self._lock:
+            if not self._registered:
+                return set()
+            wanted = [p for p in dict.fromkeys(portal_ids) if p not in self._until]
+            wanted = [p for p in wanted if not self._cooling(p)]
+            room = self.fair_share(len(wanted)) - len(self._until)
+            return await self._take(wanted[: max(room, 0)])
+
+    async def release(self, portal_ids: Iterable[int]) -> set[int]:
+        """Hand these portals back at once (idle ones, say): on_lost is called first, then
+        the others are told. The portals handed back."""
+        async with self._lock:
+            return await self._hand_back(set(portal_ids) & set(self._until))
+
+    def _cooling(self, portal_id: int) -> bool:
+        """Handed back here less than a heartbeat ago: left to the others for now."""
+        handed = self._handed.get(portal_id)
+        return handed is not None and self._clock() - handed < self.interval_s
+
+    async def _take(self, portal_ids: list[int]) -> set[int]:
+        if not portal_ids:
+            return set()
+        sent = self._clock()
+        taken = await self._db(self._repo.acquire_portals(self.id, portal_ids, self.lease_s))
+        self._handed = {p: t for p, t in self._handed.items() if sent - t < self.lease_s}
+        if any(p in self._handed for p in taken):
+            # Handed back, and nobody took it: the instance that seemed to have room does not
+            # take any (it fails, say). No more handing back for a while, not every heartbeat.
+            self._calm_until = sent + self.lease_s
+            log.info("cluster_rebalance_paused", instance=self.id, seconds=self.lease_s)
+        if taken:
+            await self._gained(taken, sent)
+        return set(taken)
+
+    async def _gained(self, previous: dict[int, str | None], sent: float) -> None:
+        """Count these portals as owned, then let the scheduler take them up; if it cannot,
+        they are not owned here (the next heartbeat, still finding them ours, tries again)."""
+        portals = set(previous)
+        until = sent + self.lease_s - self.margin_s
+        self._until.update(dict.fromkeys(portals, until))
+        others = sorted({p for p in previous.values() if p is not None and p != self.id})
+        log.info(
+            "portals_acquired",
+            instance=self.id,
+            count=len(portals),
+            portals=_some(portals),
+            taken_over_from=others[:LOGGED_PORTALS],
+        )
+        try:
+            await self.on_gained(portals, previous)
+        except BaseException:
+            for p in portals:
+                self._until.pop(p, None)
+            raise
+
+    async def _hand_back(self, portals: set[int]) -> set[int]:
+        if not portals:
+            return set()
+        for p in portals:
+            del self._until[p]
+        self._handed.update(dict.fromkeys(portals, self._clock()))
+        self._unreleased |= portals
+        await self.on_lost(portals)  # (nothing is sent for them from here on)
+        log.info(
+            "portals_handed_back", instance=self.id, count=len(portals), portals=_some(portals)
+        )
+        await self._release_pending()
+        return portals
+
+    async def _release_pending(self) -> None:
+        """Delete the leases handed back here (after an outage: those it kept in the database)."""
+        if self._unreleased:
+            await self._db(self._repo.release_portals(self.id, sorted(self._unreleased)))
+            self._unreleased.clear()
+
+    # -- the heartbeat ----------------------------------------------------------------------
+
+    async def _beat(self, stop: asyncio.Event) -> None:
+        outage = Outage("cluster", "cluster_heartbeat_failed")
+        while not (stop.is_set() or self._halted.is_set()):
+            self._wake.clear()
+            delay = self.interval_s
+            try:
+                async with self._lock:
+                    if not self._halted.is_set():
+                        await self._tick()
+                outage.over()
+            except DatabaseError as exc:  # (the next try is at a lease's local end, if sooner)
+                delay = min(outage.failed(exc, instance=self.id), self.interval_s)
+            await wait_event(self._wake, self._wait(delay), stop, self._halted)
+
+    def _wait(self, delay: float) -> float:
+        """Until the next heartbeat, or the first local end of a lease if sooner."""
+        first = min(self._until.values(), default=math.inf)
+        return max(0.0, min(delay, first - self._clock()))
+
+    async def _tick(self) -> None:
+        """One heartbeat: renew, take up portals that need an owner, rebalance."""
+        await self._expire()
+        if not self._registered:
+            await self._register()
+        sent = self._clock()
+        held = await self._db(self._repo.heartbeat(self.id, self.name, self.lease_s))
+        held -= self._unreleased  # (renewed, but handed back here: deleted now)
+        await self._release_pending()
+        await self._renewed(held, sent)
+        survey = await self._db(self._repo.survey(self.id, self.lease_s))
+        self._note(survey)
+        excess = self._excess(survey)
+        if excess:
+            await self._hand_back(set(sorted(self._until)[-excess:]))
+            return
+        room = self.fair_share() - len(self._until)
+        if room > 0 and survey.candidates:
+            free = [p for p in survey.candidates if not self._cooling(p)]
+            random.shuffle(free)  # (instances taking at once mostly take different portals)
+            await self._take(free[:room])
+
+    async def _register(self) -> None:
+        await self._db(self._repo.register_instance(self.id, self.name))
+        self._registered = True
+        log.info("cluster_joined", instance=self.id, name=self.name, lease_s=self.lease_s)
+
+    async def _renewed(self, held: set[int], sent: float) -> None:
+        """Extend the leases renewed; give up those another took over; take up again those
+        still ours that lapsed here (or whose on_gained raised)."""
+        lost = set(self._until) - held
+        if lost:
+            for p in lost:
+                del self._until[p]
+            log.warning(
+                "portal_leases_lost", instance=self.id, count=len(lost), portals=_some(lost)
+            )
+            await self.on_lost(lost)
+        until = sent + self.lease_s - self.margin_s
+        regained = held - set(self._until)
+        for p in held & set(self._until):
+            self._until[p] = until
+        if regained:
+            await self._gained(dict.fromkeys(regained, self.id), sent)
+
+    async def _expire(self) -> None:
+        """Leases whose local end has passed (renewals failed): stop sending for them."""
+        now = self._clock()
+        lapsed = {p for p, until in self._until.items() if until <= now}
+        if not lapsed:
+            return
+        for p in lapsed:
+            del self._until[p]
+        log.warning(
+            "portal_leases_expired_locally",
+            instance=self.id,
+            count=len(lapsed),
+            portals=_some(lapsed),
+            reason="not renewed in time",
+        )
+        await self.on_lost(lapsed)
+
+    def _note(self, survey: Survey) -> None:
+        self._live = max(1, survey.live)
+        self._total = survey.leased + survey.unowned
+
+    def _excess(self, survey: Survey) -> int:
+        """Portals to hand back so that an instance with room gets them: those beyond the fair
+        share, or one at the fair share when another holds two fewer or less. None while some
+        portal waits for an owner: those with room take it first (what was just handed back,
+        say), and the balance is looked at again."""
+        mine, fair, fewest = len(self._until), self.fair_share(), survey.fewest_other
+        if fewest is None or fewest >= fair or survey.unowned:
+            return 0
+        if self._clock() < self._calm_until:
+            return 0
+        if mine > fair:
+            return mine - fair
+        return 1 if mine == fair and fewest <= fair - 2 else 0
+
+    # -- the others' announcements ----------------------------------------------------------
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        outage = Outage("cluster_listen", "cluster_listen_failed")
+        while not (stop.is_set() or self._halted.is_set()):
+            try:
+                await self._listening(stop, outage)
+            except DatabaseError as exc:
+                await wait_event(stop, outage.failed(exc), self._halted)
+
+    async def _listening(self, stop: asyncio.Event, outage: Outage) -> None:
+        with translate_errors():
+            conn = await self._repo.pool.acquire()
+        try:
+            with translate_errors():
+                await conn.add_listener(CHANNEL, self._received)
+            try:
+                outage.over()
+                self._wake.set()  # (what was announced while nobody listened)
+                while not (stop.is_set() or self._halted.is_set()):
+                    if _closed(conn):
+                        raise DatabaseUnavailable("the listening connection was lost")
+                    await wait_event(self._halted, self.interval_s, stop)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.remove_listener(CHANNEL, self._received), 2.0)
+        finally:
+            with contextlib.suppress(Exception):
+                await self._repo.pool.release(conn)
+
+    def _received(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        try:
+            sender = json.loads(payload).get("instance") if isinstance(payload, str) else None
+        except (ValueError, AttributeError, RecursionError):
+            sender = None
+        if sender != self.id:
+            self._wake.set()
+
+    async def _db(self, query: Coroutine[Any, Any, T]) -> T:
+        """A query bounded in time: one that does not answer within a heartbeat is a failure
+        (the leases must lapse here on time, not after the pool's command timeout)."""
+        try:
+            async with asyncio.timeout(max(self.interval_s, 1.0)):
+                return await query
+        except TimeoutError:
+            raise DatabaseUnavailable("the database did not answer in time") from None
+
+
+def _closed(conn: Any) -> bool:
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:  # (a proxy the pool took back after a loss)
+        return True
