@@ -263,6 +263,17 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICK  # fields 14 and 15 of stat(5)
 
 
+def rss_kib(pid: int) -> int | None:
+    """Resident set size of a process (VmRSS in /proc/<pid>/status), KiB; None if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     """Nearest-rank percentile of a sequence (sorted here); nan if empty."""
     if not values:

@@ -45,6 +45,26 @@ class Alarm:
         else:
             self._rung = True
 
+    async def until(self, future: asyncio.Future[Any]) -> None:
+        """Wait until `future` is done or the alarm rings (the future is not cancelled)."""
+        if future.done():
+            return
+        if self._rung:
+            self._rung = False
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+
+        def done(_: asyncio.Future[Any]) -> None:
+            if not waiter.done():
+                waiter.set_result(False)
+
+        future.add_done_callback(done)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            future.remove_done_callback(done)
+
     async def sleep(self, delay: float | None) -> bool:
         """Sleep `delay` seconds (None: until rung); whether it was rung."""
         if self._rung:
@@ -67,26 +87,6 @@ class Alarm:
 def _ring_off(waiter: asyncio.Future[bool]) -> None:
     if not waiter.done():
         waiter.set_result(False)
-
-
-async def first_of(*futures: asyncio.Future[Any]) -> None:
-    """Wait until one of the futures is done (none is cancelled, none is awaited for its
-    result), without a task per future."""
-    if any(f.done() for f in futures):
-        return
-    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def done(_: asyncio.Future[Any]) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
-    for f in futures:
-        f.add_done_callback(done)
-    try:
-        await waiter
-    finally:
-        for f in futures:
-            f.remove_done_callback(done)
 
 
 class Outage:

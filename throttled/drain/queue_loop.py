@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from throttled.aio import Alarm, first_of
+from throttled.aio import Alarm
 from throttled.db.repository import ClaimedAction, DatabaseError
 from throttled.drain.claimer import Claimer
 from throttled.queues import QueueState
@@ -80,13 +80,15 @@ async def drain_queue(queue: QueueState, signals: Signals, drain: Drain) -> None
         try:
             rows = await drain.claimer.claim(queue, want, urgent=urgent)
         except DatabaseError:
-            await _wait_out(drain, drain.claimer.retry_in)
+            await _wait_out(drain, alarm, drain.claimer.retry_in)
             continue
         if queue.paused or not drain.owns(queue.portal_id):
             await drain.give_back(rows)  # paused (or the portal lost) while it claimed
             return
-        if rows:
-            await first_of(drain.hand_over(queue, rows, slot, urgent=urgent), drain.stopped)
+        if rows:  # then wait until they have gone out (or the stop)
+            gone = drain.hand_over(queue, rows, slot, urgent=urgent)
+            while not gone.done() and not drain.stopped.done():
+                await alarm.until(gone)
         urgent = False
         if len(rows) >= want or signals.more:
             continue
@@ -94,7 +96,7 @@ async def drain_queue(queue: QueueState, signals: Signals, drain: Drain) -> None
             try:
                 at = await drain.next_not_before(queue.id)
             except DatabaseError:
-                await _wait_out(drain, drain.claimer.retry_in)
+                await _wait_out(drain, alarm, drain.claimer.retry_in)
                 continue
             maybe_held = at is not None
             if at is not None:
@@ -104,12 +106,9 @@ async def drain_queue(queue: QueueState, signals: Signals, drain: Drain) -> None
             return
 
 
-async def _wait_out(drain: Drain, delay: float) -> None:
+async def _wait_out(drain: Drain, alarm: Alarm, delay: float) -> None:
     """Sleep through a database failure's backoff; only the stop cuts it short (new work
     would only hammer a database that does not answer)."""
-    timer = asyncio.get_running_loop().create_future()
-    handle = asyncio.get_running_loop().call_later(delay, timer.set_result, None)
-    try:
-        await first_of(timer, drain.stopped)
-    finally:
-        handle.cancel()
+    until = drain.clock() + delay
+    while not drain.stopped.done() and (left := until - drain.clock()) > 0:
+        await alarm.sleep(left)
