@@ -50,6 +50,10 @@ class _Lane:
         self.wake = asyncio.Event()
 
 
+def _claim_order(row: ClaimedAction) -> tuple[int, int]:
+    return (-row.priority, row.id)
+
+
 def _ignore(queue_ids: Iterable[int]) -> None:
     """No one to tell (a claimer on its own, in a test)."""
 
@@ -171,7 +175,9 @@ class Claimer:
             by_queue[row.queue_id].append(row)
         orphans: list[int] = []
         for ask in asks:
-            got = sorted(by_queue.get(ask.queue.id, ()), key=lambda r: (-r.priority, r.id))
+            got = by_queue.get(ask.queue.id) or []
+            if len(got) > 1:
+                got.sort(key=_claim_order)
             if ask.rows.done():  # its asker was cancelled while the statement ran
                 orphans += [r.id for r in got]
             else:
