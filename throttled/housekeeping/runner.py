@@ -83,6 +83,7 @@ async def run(runtime: Runtime, stop: asyncio.Event, jobs: list[Job]) -> None:
     outage = Outage("maintenance", "maintenance_failed")
     start = loop.time()
     due = {job.name: start + min(FIRST_RUN_MAX_S, job.interval_s) for job in jobs}
+    failing: str | None = None  # the job that failed last, in the outage under way
     while not stop.is_set():
         now = loop.time()
         ready = [job for job in jobs if due[job.name] <= now]
@@ -97,6 +98,11 @@ async def run(runtime: Runtime, stop: asyncio.Event, jobs: list[Job]) -> None:
             except DatabaseError as exc:
                 retry_at = loop.time() + outage.failed(exc, job=job.name)
                 due = {name: max(at, retry_at) for name, at in due.items()}
+                failing = job.name
                 break
-            outage.over()
+            # The outage is over once the job that failed last succeeds (another job that
+            # succeeds meanwhile does not prove that one can: it would only warn again).
+            if failing in (None, job.name):
+                outage.over()
+                failing = None
             due[job.name] = loop.time() + job.interval_s
