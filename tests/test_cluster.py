@@ -318,16 +318,20 @@ async def test_the_cluster_api_lists_instances_heartbeats_and_portals(daemon_fac
         async with observer(db_url) as db:
             await seed(db, PORTALS[:2])
             async with member(db_url, 5.0, "api-a") as a:
-                await wait_for(lambda: a.cluster.owned == set(PORTALS[:2]))
+                both = (a.cluster, daemon.runtime.cluster)  # (the daemon is a member too)
+                await wait_for(lambda: all(len(c.owned) == 1 for c in both))
                 async with daemon.session.get(url, headers=AUTH) as resp:
                     assert resp.status == 200
                     body = await resp.json()
+                owned = sorted(a.cluster.owned)
             assert body["lease_s"] == 5.0
             (mine,) = [i for i in body["instances"] if i["id"] == a.cluster.id]
             assert mine["name"] == "api-a"
             assert mine["live"] is True
             assert mine["stopped_at"] is None
-            assert (mine["portals"], mine["portal_count"]) == (PORTALS[:2], 2)
+            assert (mine["portals"], mine["portal_count"]) == (owned, 1)
+            (daemon_view,) = [i for i in body["instances"] if i["id"] == daemon.runtime.cluster.id]
+            assert daemon_view["portals"] == sorted(set(PORTALS[:2]) - set(owned))
             assert 0 <= mine["heartbeat_age_s"] < 5.0
             assert set(mine) == {
                 "id",

@@ -18,6 +18,17 @@ The owner (the scheduler) sets `on_gained` (portals taken, with their previous o
 claimed rows are to be reset and their rate log replayed) and `on_lost` (portals to stop
 sending for, at once). `on_gained` may be called again for a portal whose previous call
 raised; neither may call back into acquire() or stop().
+
+Work stored at an instance for a portal it does not own goes to route(): portals nobody owns
+are acquired there and then, and the owners of the others are told in one notification
+(queue ids grouped by portal), which their listener hands to `on_work` (queue ids of portals
+it owns, and portals to look at in full when the notification had no room for their queues).
+
+An instance that dies leaves its leases to expire. At a start, the leases of instances on the
+same host (named hostname:pid, the default) whose process no longer exists end at once: a
+restart after a crash takes its portals back without waiting out lease_s. (Instances that share
+a host name must then share its process table: containers that share a host name, each in its
+own pid namespace, set cluster.instance_name.)
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 import asyncpg
@@ -46,9 +57,11 @@ log = structlog.get_logger(__name__)
 
 Gained = Callable[[set[int], dict[int, str | None]], Awaitable[None]]
 Lost = Callable[[set[int]], Awaitable[None]]
+Work = Callable[[list[int], set[int]], None]
 T = TypeVar("T")
 
 LOGGED_PORTALS = 20  # portal ids a log line names (it counts them all)
+MAX_PAYLOAD = 7000  # characters of a work notification (PostgreSQL's limit is 8000 bytes)
 
 
 async def _nothing_gained(portals: set[int], previous: dict[int, str | None]) -> None:
@@ -57,6 +70,10 @@ async def _nothing_gained(portals: set[int], previous: dict[int, str | None]) ->
 
 async def _nothing_lost(portals: set[int]) -> None:
     """The default on_lost: nothing to stop."""
+
+
+def _no_work(queue_ids: list[int], portals: set[int]) -> None:
+    """The default on_work: nobody to wake."""
 
 
 def default_name() -> str:
@@ -89,6 +106,7 @@ class Cluster:
         self.margin_s = lease_s / 3  # a lease ends this much sooner here than in the database
         self.on_gained: Gained = _nothing_gained
         self.on_lost: Lost = _nothing_lost
+        self.on_work: Work = _no_work
         self._repo = repo
         self._clock = clock
         self._until: dict[int, float] = {}  # portal -> the local instant its lease ends
@@ -121,10 +139,19 @@ class Cluster:
     # -- life cycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Register this instance (the others are told) and take a first look at the cluster."""
+        """Register this instance (the others are told), end the leases of dead instances of
+        this host, and take a first look at the cluster."""
         async with self._lock:
             await self._register()
+            await self._end_dead()
             self._note(await self._db(self._repo.survey(self.id, self.lease_s)))
+
+    async def beat_once(self) -> None:
+        """One heartbeat now (the run-once step of run()). The daemon takes its first portals
+        with it before it reports ready, so that an instance alone drains at once."""
+        async with self._lock:
+            if not self._halted.is_set():
+                await self._tick()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Heartbeat, renew, take over and rebalance until stopped; listen for the others'
@@ -164,6 +191,24 @@ class Cluster:
             wanted = [p for p in wanted if not self._cooling(p)]
             room = self.fair_share(len(wanted)) - len(self._until)
             return await self._take(wanted[: max(room, 0)])
+
+    async def route(self, work: Mapping[int, Collection[int]]) -> None:
+        """Work was stored here (queue ids by portal) for portals this instance does not own:
+        take those nobody owns, up to the fair share (on_gained runs for them), and tell the
+        owners of the others in one notification. Portals left without an owner (no room here)
+        wake the others' heartbeats, so one with room takes them at once."""
+        portals = sorted(p for p in work if not self.owns(p))
+        if not portals or self._halted.is_set():
+            return
+        owners = await self._db(self._repo.owner_of(portals))
+        unowned = [p for p in portals if p not in owners]
+        taken = await self.acquire(unowned) if unowned else set()
+        left = [p for p in unowned if p not in taken]
+        # (a portal the database says is ours lapsed here only: the heartbeat takes it up)
+        others = {p: work[p] for p in portals if owners.get(p, self.id) != self.id}
+        if others or left:
+            payload = _work_payload(self.id, others, wake=bool(left))
+            await self._db(self._repo.announce_work(payload))
 
     async def release(self, portal_ids: Iterable[int]) -> set[int]:
         """Hand these portals back at once (idle ones, say): on_lost is called first, then
@@ -275,6 +320,23 @@ class Cluster:
             random.shuffle(free)  # (instances taking at once mostly take different portals)
             await self._take(free[:room])
 
+    async def _end_dead(self) -> None:
+        """End now the leases of instances named hostname:pid for this host whose process is
+        gone (a crash, kill -9): nothing of theirs can be in flight any more."""
+        prefix = socket.gethostname() + ":"
+        holders = await self._db(self._repo.named_holders(self.id, prefix))
+        dead = sorted(i for i, name in holders.items() if _process_gone(name, prefix))
+        if not dead:
+            return
+        expired = await self._db(self._repo.end_instances(dead))
+        log.warning(
+            "cluster_dead_instances_ended",
+            instance=self.id,
+            dead=dead[:LOGGED_PORTALS],
+            leases=expired,
+            reason="same host, process gone",
+        )
+
     async def _register(self) -> None:
         await self._db(self._repo.register_instance(self.id, self.name))
         self._registered = True
@@ -365,11 +427,34 @@ class Cluster:
 
     def _received(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
         try:
-            sender = json.loads(payload).get("instance") if isinstance(payload, str) else None
-        except (ValueError, AttributeError, RecursionError):
-            sender = None
-        if sender != self.id:
+            doc = json.loads(payload) if isinstance(payload, str) else None
+        except (ValueError, RecursionError):
+            doc = None
+        if not isinstance(doc, dict):
+            self._wake.set()  # (someone's: look again)
+        elif doc.get("instance") == self.id:
+            return
+        elif doc.get("event") == "work":
+            self._work(doc)  # (no heartbeat for it: that would be a survey per batch)
+        else:
             self._wake.set()
+
+    def _work(self, doc: dict[str, Any]) -> None:
+        """Another instance stored work for portals: pass on what is for portals owned here."""
+        queue_ids: list[int] = []
+        work = doc.get("work")
+        if isinstance(work, dict):
+            for key, ids in work.items():
+                portal = _integer(key)
+                if portal is not None and self.owns(portal) and isinstance(ids, list):
+                    queue_ids += [i for i in ids if type(i) is int]
+        named = doc.get("portals")
+        whole = {p for p in named if type(p) is int} if isinstance(named, list) else set()
+        whole = self.owned if doc.get("all") is True else whole & self.owned
+        if queue_ids or whole:
+            self.on_work(queue_ids, whole)
+        if doc.get("wake") is True:
+            self._wake.set()  # portals were left without an owner: take them if there is room
 
     async def _db(self, query: Coroutine[Any, Any, T]) -> T:
         """A query bounded in time: one that does not answer within a heartbeat is a failure
@@ -379,6 +464,45 @@ class Cluster:
                 return await query
         except TimeoutError:
             raise DatabaseUnavailable("the database did not answer in time") from None
+
+
+def _work_payload(instance_id: str, work: Mapping[int, Collection[int]], *, wake: bool) -> str:
+    """A work notification: queue ids by portal; if that is too long, the portals alone; if
+    that is too, every portal (the owners look at all theirs)."""
+    base: dict[str, Any] = {"instance": instance_id, "event": "work"}
+    if wake:
+        base["wake"] = True
+    bodies: list[dict[str, Any]] = [
+        {"work": {str(p): sorted(work[p]) for p in sorted(work)}},
+        {"portals": sorted(work)},
+    ]
+    for body in bodies:
+        text = json.dumps(base | body, separators=(",", ":"))
+        if len(text) <= MAX_PAYLOAD:
+            return text
+    return json.dumps(base | {"all": True}, separators=(",", ":"))
+
+
+def _integer(text: object) -> int | None:
+    """A portal id as a JSON object key (decimal digits), else None."""
+    if isinstance(text, str) and text.isascii() and text.isdigit() and len(text) <= 19:
+        return int(text)
+    return None
+
+
+def _process_gone(name: str, prefix: str) -> bool:
+    """Whether `name` is hostname:pid of this host, for a pid that is no longer running (not
+    this process's: instances in one process share its pid)."""
+    pid = _integer(name[len(prefix) :])
+    if pid is None or pid <= 0 or pid == os.getpid() or len(name) >= MAX_INSTANCE_NAME:
+        return False  # (a name cut to the maximum may have lost digits)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # (it exists, another user's)
+        return False
+    return False
 
 
 def _closed(conn: Any) -> bool:

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from throttled import alerts, crypto, housekeeping, metrics, rates
 from throttled.changes import ChangeWatcher
+from throttled.cluster import Cluster
 from throttled.config import Config
 from throttled.db import migrate
 from throttled.db.embedded import embedded_database
@@ -60,6 +61,7 @@ class Runtime:
     repo: Repository
     scheduler: Supervisor
     dispatcher: Dispatcher
+    cluster: Cluster  # this instance's portal leases
     ingest: Ingest
     services: Services
     fake: FakeHubSpot | None
@@ -197,7 +199,20 @@ async def serve(
         runtime.port = _bound_port(runner, config.server.port)
         notifier = Notifier.from_env(os.environ)
         stack.callback(notifier.close)
+        await _join(runtime.cluster)
         runner.deadline = await _run(runtime, stop, on_ready, notifier)
+
+
+async def _join(cluster: Cluster) -> None:
+    """Join the cluster and take this instance's first portals (their claimed rows reset,
+    their queues loaded: see Supervisor.take_over), before the daemon reports ready. If that
+    fails, every portal taken goes back at once (nothing was sent for it)."""
+    try:
+        await cluster.start()
+        await cluster.beat_once()
+    except BaseException:
+        await cluster.stop()
+        raise
 
 
 async def _hubspot(
@@ -234,6 +249,7 @@ async def _assemble(
         send_typed_outputs=hs.send_typed_outputs,
     )
     tokens = make_tokens(config, repo, session, keyring, api_base, clock, mock=fake is not None)
+    cluster = Cluster(repo, lease_s=config.cluster.lease_s, name=config.cluster.instance_name)
     dispatcher = Dispatcher(
         repo=repo,
         client=client,
@@ -241,6 +257,7 @@ async def _assemble(
         config=config.sender,
         clock=clock,
         margin_s=config.sender.send_margin_ms / 1000,
+        owns=cluster.owns,
     )
     scheduler = Supervisor(
         repo,
@@ -248,8 +265,14 @@ async def _assemble(
         clock=clock,
         lookahead_s=config.sender.lookahead_s,
         claim_ahead_s=config.sender.claim_ahead_s,
+        owns=cluster.owns,
+        cluster=cluster,
     )
-    await scheduler.recover()
+    # (the portals, their claimed rows and their queues are taken up as the leases come:
+    # the first ones by _join, before the daemon reports ready)
+    cluster.on_gained = scheduler.take_over
+    cluster.on_lost = scheduler.let_go
+    cluster.on_work = scheduler.on_work
     _tune_gc()
     configs = await repo.action_configs()
     intake = Intake(
@@ -295,6 +318,7 @@ async def _assemble(
         repo=repo,
         scheduler=scheduler,
         dispatcher=dispatcher,
+        cluster=cluster,
         ingest=ingest,
         services=services,
         fake=fake,
@@ -407,9 +431,12 @@ async def _run(
 ) -> float:
     """Run the loops until `stop`, then drain them; return the shutdown deadline (loop time),
     which the HTTP server's cleanup must meet too. systemd hears READY=1 once the port is
-    bound and the loops run, WATCHDOG=1 from this loop until the drain is over, STOPPING=1."""
+    bound and the loops run, WATCHDOG=1 from this loop until the drain is over, STOPPING=1.
+    The portal leases are kept until the sends are over, then handed back at once; not after
+    a crash or a timed-out drain, whose claims are left to the next owner to reset."""
     ingest_stop, claim_stop = asyncio.Event(), asyncio.Event()
     send_stop, writer_stop = asyncio.Event(), asyncio.Event()
+    cluster_stop = asyncio.Event()
     alive_stop = asyncio.Event()  # the loop monitor and the watchdog: until the very end
     notifier = notifier or Notifier(None)
     config = runtime.config
@@ -423,6 +450,7 @@ async def _run(
             ),
             name="sd-notify",
         )
+        cluster_task = tg.create_task(runtime.cluster.run(cluster_stop), name="cluster")
         ingest_task = tg.create_task(runtime.ingest.run(ingest_stop), name="ingest")
         claim_task = tg.create_task(runtime.scheduler.run(claim_stop), name="scheduler")
         send_task = tg.create_task(
@@ -459,13 +487,25 @@ async def _run(
                 send_stop.set()  # ... then finish in-flight sends and release the rest
                 writer_stop.set()
                 await asyncio.wait([send_task])
+                cluster_stop.set()  # nothing more is sent: every portal back at once
+                await asyncio.wait([cluster_task])
+                await runtime.cluster.stop()
         except TimeoutError:
             log.error("shutdown_timeout", timeout_s=config.server.shutdown_timeout_s)
-            for event in (ingest_stop, claim_stop, send_stop, writer_stop):
+            for event in (ingest_stop, claim_stop, send_stop, writer_stop, cluster_stop):
                 event.set()
             # The time is up: what still runs (a send waiting on HubSpot, say) is cancelled;
-            # the rows it held stay claimed and are recovered at the next start.
-            tasks = (ingest_task, claim_task, send_task, maintenance_task, alerts_task, watch_task)
+            # the rows it held stay claimed, and the leases expire: whoever takes the portals
+            # over next (this instance's next start, say) resets them.
+            tasks = (
+                ingest_task,
+                claim_task,
+                send_task,
+                maintenance_task,
+                alerts_task,
+                watch_task,
+                cluster_task,
+            )
             for task in tasks:
                 task.cancel()
         alive_stop.set()

@@ -122,6 +122,34 @@ WITH released AS (
 SELECT (SELECT count(*) FROM released)::int AS released, pg_notify($2, $3) FROM stopped
 """
 
+# Other instances named `<prefix><something>` (hostname:pid) that hold a valid lease: at a
+# start, those whose process is provably gone have their leases ended at once (see
+# Cluster.start).
+NAMED_HOLDERS = """
+SELECT left(i.id, 100) AS id, left(i.name, 200) AS name FROM instances i
+WHERE i.id <> $1 AND i.stopped_at IS NULL AND left(i.name, length($2)) = $2
+  AND EXISTS (SELECT 1 FROM portal_leases l WHERE l.instance_id = i.id AND l.expires_at > now())
+LIMIT $3
+"""
+
+# Instances known to be dead: marked stopped, their leases expired now (kept, so that whoever
+# takes a portal over learns whose claims it inherits).
+END_INSTANCES = """
+WITH ended AS (
+    UPDATE instances SET stopped_at = now()
+    WHERE id = ANY($1::text[]) AND stopped_at IS NULL
+    RETURNING id
+), expired AS (
+    UPDATE portal_leases SET expires_at = now()
+    WHERE instance_id IN (SELECT id FROM ended) AND expires_at > now()
+    RETURNING portal_id
+)
+SELECT (SELECT count(*) FROM expired)::int AS expired
+"""
+
+# Work arrived at one instance for portals others own: one notification, the owners act.
+ANNOUNCE = "SELECT pg_notify($1, $2)"
+
 OWNER_OF = """
 SELECT portal_id, left(instance_id, 100) AS instance_id FROM portal_leases
 WHERE portal_id = ANY($1::bigint[]) AND expires_at > now()
@@ -237,6 +265,21 @@ class ClusterQueries:
         payload = _payload(instance_id, "stopped")
         rows = await self._fetch(STOP, instance_id, CHANNEL, payload)
         return int(rows[0]["released"]) if rows else 0
+
+    async def named_holders(self, instance_id: str, prefix: str) -> dict[str, str]:
+        """Other live-looking instances whose name starts with `prefix` and that hold a valid
+        lease: id → name."""
+        rows = await self._fetch(NAMED_HOLDERS, instance_id, prefix, MAX_LISTED_INSTANCES)
+        return {r["id"]: r["name"] for r in rows}
+
+    async def end_instances(self, instance_ids: Sequence[str]) -> int:
+        """Mark these (dead) instances stopped and expire their leases now; how many leases."""
+        rows = await self._fetch(END_INSTANCES, list(instance_ids))
+        return int(rows[0]["expired"]) if rows else 0
+
+    async def announce_work(self, payload: str) -> None:
+        """Notify the other instances on the cluster's channel."""
+        await self._fetch(ANNOUNCE, CHANNEL, payload)
 
     async def owner_of(self, portal_ids: Sequence[int]) -> dict[int, str]:
         """The instance that validly owns each of these portals (the others have none)."""

@@ -103,6 +103,13 @@ SELECT {_QUEUE_COLUMNS} FROM queues q
 WHERE EXISTS (SELECT 1 FROM actions a WHERE a.queue_id = q.id AND a.state = 'pending')
 """
 
+# The same, for some portals only (those an instance just took over, or was told of).
+ACTIVE_QUEUES_OF = f"""
+SELECT {_QUEUE_COLUMNS} FROM queues q
+WHERE q.portal_id = ANY($1::bigint[])
+  AND EXISTS (SELECT 1 FROM actions a WHERE a.queue_id = q.id AND a.state = 'pending')
+"""
+
 GET_QUEUES = f"SELECT {_QUEUE_COLUMNS} FROM queues WHERE id = ANY($1::bigint[])"
 
 RELEASING_QUEUES = f"SELECT {_QUEUE_COLUMNS} FROM queues WHERE releasing"
@@ -198,6 +205,33 @@ WITH r AS (
 SELECT queue_id, count(*)::int AS n FROM r GROUP BY queue_id
 """
 
+# Rows left claimed for portals an instance takes over (by an instance that died, or lost its
+# lease), except those this process holds itself (`$2`). (A sequential pass, as claimed rows
+# have no index: run only when a portal changes hands with claims possibly left behind.)
+RECOVER_CLAIMED_OF = """
+WITH r AS (
+    UPDATE actions SET state = 'pending'
+    WHERE state = 'claimed' AND portal_id = ANY($1::bigint[]) AND NOT (id = ANY($2::bigint[]))
+    RETURNING queue_id
+)
+SELECT queue_id, count(*)::int AS n FROM r GROUP BY queue_id
+"""
+
+# The completion requests of some portals answered in the last `$2` seconds, one row each
+# (a request stamps all its rows with one sent_at), by age (from its rows' completed_at: when
+# the answer was written, the latest HubSpot can have counted it; an age, so that the
+# database's clock and the caller's need not agree). The finished-rows index bounds the pass
+# to what completed within the window, whatever the table's size.
+RECENT_REQUESTS = """
+SELECT portal_id,
+       LEAST(GREATEST(extract(epoch FROM now() - max(completed_at)), 0), $2)::float8 AS age_s
+FROM actions
+WHERE completed_at > now() - $2::float8 * interval '1 second'
+  AND state IN ('done', 'failed') AND portal_id = ANY($1::bigint[]) AND sent_at IS NOT NULL
+GROUP BY portal_id, sent_at
+LIMIT $3
+"""
+
 RECENT_SENDS = f"""
 SELECT queue_id, LEAST(sent_at, {_SOON}) AS sent_at, count(*)::int AS n FROM actions
 WHERE sent_at > $1 AND state IN ('done', 'failed') AND complete_as IS NULL
@@ -230,13 +264,14 @@ RETURNING a.queue_id
 
 PRUNE_SENDS = "DELETE FROM queue_sends WHERE sent_at < $1"
 
-# Claims no sender of this process holds (`$2`), older than `$1`: see housekeeping.stale_claims.
+# Claims no sender of this process holds (`$2`), older than `$1`, of the portals this instance
+# owns (`$4`): see housekeeping.stale_claims.
 # (A sequential pass: claimed rows have no index, which would cost an insert per claim.)
 RELEASE_STALE_CLAIMS = """
 WITH stale AS (
     SELECT id FROM actions
     WHERE state = 'claimed' AND (claimed_at IS NULL OR claimed_at < $1)
-      AND NOT (id = ANY($2::bigint[]))
+      AND NOT (id = ANY($2::bigint[])) AND portal_id = ANY($4::bigint[])
     LIMIT $3 FOR UPDATE SKIP LOCKED
 ), r AS (
     UPDATE actions a SET state = 'pending' FROM stale WHERE a.id = stale.id

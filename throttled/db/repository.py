@@ -392,6 +392,11 @@ class Repository(OperatorQueries, ClusterQueries):
         """Queues that have pending rows."""
         return [QueueRow.from_row(r) for r in await self._fetch(q.ACTIVE_QUEUES)]
 
+    async def active_queues_of(self, portal_ids: Sequence[int]) -> list[QueueRow]:
+        """Queues of these portals that have pending rows."""
+        rows = await self._fetch(q.ACTIVE_QUEUES_OF, list(portal_ids))
+        return [QueueRow.from_row(r) for r in rows]
+
     async def get_queues(self, ids: Sequence[int]) -> list[QueueRow]:
         """Queues by id."""
         return [QueueRow.from_row(r) for r in await self._fetch(q.GET_QUEUES, ids)]
@@ -444,6 +449,22 @@ class Repository(OperatorQueries, ClusterQueries):
         """Release rows a dead process had claimed; return queue_id → count."""
         return {r["queue_id"]: r["n"] for r in await self._fetch(q.RECOVER_CLAIMED)}
 
+    async def recover_claimed_of(
+        self, portal_ids: Sequence[int], held: Sequence[int]
+    ) -> dict[int, int]:
+        """Release the rows left claimed for these portals, except those in `held`; return
+        queue_id → count."""
+        rows = await self._fetch(q.RECOVER_CLAIMED_OF, list(portal_ids), list(held))
+        return {r["queue_id"]: r["n"] for r in rows}
+
+    async def recent_requests(
+        self, portal_ids: Sequence[int], within_s: float, limit: int
+    ) -> list[tuple[int, float]]:
+        """(portal_id, age in seconds) of each completion request of these portals answered
+        within the last `within_s` seconds (`limit` at most)."""
+        rows = await self._fetch(q.RECENT_REQUESTS, list(portal_ids), within_s, limit)
+        return [(r["portal_id"], r["age_s"]) for r in rows]
+
     async def recent_sends(self, since: datetime) -> list[tuple[int, datetime, int]]:
         """The rate log: (queue_id, sent_at, n) for sends after `since`."""
         rows = await self._fetch(q.RECENT_SENDS, since)
@@ -466,11 +487,11 @@ class Repository(OperatorQueries, ClusterQueries):
         return int(status.split()[-1])
 
     async def release_stale_claims(
-        self, before: datetime, held: Sequence[int], limit: int
+        self, before: datetime, held: Sequence[int], limit: int, portals: Sequence[int]
     ) -> dict[int, int]:
-        """Up to `limit` claimed rows, claimed before `before` and not in `held`, back to
-        pending; return queue_id → count."""
-        rows = await self._fetch(q.RELEASE_STALE_CLAIMS, before, list(held), limit)
+        """Up to `limit` claimed rows of these portals, claimed before `before` and not in
+        `held`, back to pending; return queue_id → count."""
+        rows = await self._fetch(q.RELEASE_STALE_CLAIMS, before, list(held), limit, list(portals))
         return {r["queue_id"]: r["n"] for r in rows}
 
     async def delete_finished(

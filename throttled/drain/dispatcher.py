@@ -1,12 +1,14 @@
 """The dispatcher: owns the portal senders (one task each, in its TaskGroup), the result
-writer and the expiry of rows found past their deadline while claimed."""
+writer and the expiry of rows found past their deadline while claimed. With several
+instances it sends only for the portals this one owns (`owns`), and lets go of a portal by
+taking its rows back and waiting until its requests under way are answered and written."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import structlog
 
@@ -24,6 +26,11 @@ from throttled.tokens import Tokens
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
+SETTLE_POLL_S = 0.005  # while the writer's own write of a portal's outcomes is under way
+
+
+def _everywhere(portal_id: int) -> bool:
+    return True
 
 
 class Dispatcher:
@@ -38,6 +45,7 @@ class Dispatcher:
         config: SenderConfig,
         clock: Clock,
         margin_s: float = 0.002,
+        owns: Callable[[int], bool] = _everywhere,
     ) -> None:
         self.repo = repo
         self.client = client
@@ -45,6 +53,7 @@ class Dispatcher:
         self.config = config
         self.clock = clock
         self.margin_s = margin_s
+        self.owns = owns  # whether this instance may send for a portal now (its lease)
         self.writer = ResultWriter(repo)
         self.seq = itertools.count()
         self._senders: dict[int, PortalSender] = {}
@@ -53,6 +62,7 @@ class Dispatcher:
         self._stop: asyncio.Event | None = None
         self._expired: list[ClaimedAction] = []
         self._expiring: list[ClaimedAction] = []  # being marked expired
+        self._seeds: dict[int, list[float]] = {}  # budget instants for senders not made yet
 
     def new_group(self) -> int:
         """A fresh split-group id."""
@@ -86,6 +96,37 @@ class Dispatcher:
         sender = self._senders.get(queue.portal_id)
         return [] if sender is None else sender.recall(queue)
 
+    def recall_portals(self, portals: Iterable[int]) -> list[ClaimedAction]:
+        """Take back every row the senders of these portals hold, unsent (still claimed: the
+        caller gives them back). Requests under way are not touched (see settle_portals)."""
+        return [r for p in portals if (s := self._senders.get(p)) for r in s.drain_rows()]
+
+    async def settle_portals(self, portals: Iterable[int]) -> None:
+        """Wait until the requests under way for these portals are answered and their
+        outcomes written (DatabaseError if a write fails: they are kept for the next try)."""
+        senders = [s for p in portals if (s := self._senders.get(p)) is not None]
+        ids = {i for s in senders for i in s.held_ids()}
+        for sender in senders:
+            await sender.settle()
+        while ids & self.writer.held_ids():
+            await self.writer.flush()
+            if ids & self.writer.held_ids():  # (the writer's own write of them is under way)
+                await asyncio.sleep(SETTLE_POLL_S)
+
+    def seed_budget(self, portal_id: int, instants: Iterable[float]) -> None:
+        """Requests sent for a portal by its previous owner (answered at these instants, by
+        this clock) count in its budget here, so the per-portal limit holds across a
+        handover."""
+        at = sorted(instants)
+        if not at:
+            return
+        sender = self._senders.get(portal_id)
+        if sender is None:
+            self._seeds.setdefault(portal_id, []).extend(at)
+            return
+        for t in at:
+            sender._budget.settle(t, t)  # (an answered request, at its instant)
+
     def expire(self, rows: list[ClaimedAction]) -> None:
         """Rows whose block expired while claimed: never sent."""
         self._expired.extend(rows)
@@ -96,6 +137,7 @@ class Dispatcher:
             if self._tg is None or self._stop is None:
                 raise RuntimeError("dispatcher not running")
             sender = self._senders[portal_id] = PortalSender(portal_id, self)
+            self.seed_budget(portal_id, self._seeds.pop(portal_id, ()))
             self._tg.create_task(sender.run(self._stop), name=f"portal-sender-{portal_id}")
         return sender
 
@@ -126,6 +168,12 @@ class Dispatcher:
                 await shielded(self.repo.release(unsent))
             await shielded(self.writer.flush())
             log.info("senders_stopped", released=len(unsent))
+        expired, self._expired = self._expired, []  # (found since the expiry loop's last pass)
+        if expired:
+            try:
+                await shielded(self.repo.mark_expired([r.id for r in expired]))
+            except DatabaseError as exc:  # (left claimed: whoever takes the portal resets them)
+                log.warning("claimed_expiry_failed", rows=len(expired), error=str(exc))
 
     async def _expire_loop(self, stop: asyncio.Event) -> None:
         """Mark expired the rows the senders found past their deadline, about once a second.

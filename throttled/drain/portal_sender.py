@@ -265,6 +265,11 @@ class PortalSender:
             self._d.expire(expired)
         if not rows:
             return False
+        if not self._d.owns(self.portal_id):  # the lease lapsed here: another may send them
+            self._d.writer.add(
+                retry_all(rows, at, at, "portal lease lapsed", counted=False, sent=False)
+            )
+            return False
         if isinstance(token, _NoToken):
             self._d.writer.add(
                 retry_all(rows, at, at + token.delay_s, token.reason, counted=False, sent=False)

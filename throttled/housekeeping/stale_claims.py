@@ -15,9 +15,11 @@ sender, and while an operator change has taken rows back from a sender (those ru
 steering lock, which this job holds too). Each hand-off lasts at most a statement or two (the
 pool's command timeout is 60 s); ten minutes is far beyond that.
 
-Like start-up recovery, this assumes one active instance per database: another live
-instance's held rows would look stale here. Released rows are charged to their queue's rate
-as sent now (they may have gone out before a crash), so a release never bursts.
+Only rows of the portals this instance owns (its portal leases, throttled/cluster.py) are
+looked at: another live instance's claimed rows are in its hands, not stale. (Rows left
+claimed by an instance that died are reset by whoever takes its portals over: see
+Supervisor.take_over.) Released rows are charged to their queue's rate as sent now (they may
+have gone out before a crash), so a release never bursts.
 """
 
 from __future__ import annotations
@@ -43,8 +45,12 @@ async def run_once(runtime: Runtime, *, stale_after_s: float = STALE_AFTER_S) ->
     before = datetime.now(UTC) - timedelta(seconds=stale_after_s)
     released: dict[int, int] = {}
 
+    portals = sorted(runtime.cluster.owned)
+    if not portals:
+        return {"released": 0}
+
     async def batch() -> int:
-        found = await runtime.repo.release_stale_claims(before, held, size)
+        found = await runtime.repo.release_stale_claims(before, held, size, portals)
         for queue_id, n in found.items():
             released[queue_id] = released.get(queue_id, 0) + n
         return sum(found.values())
