@@ -115,6 +115,7 @@ class Cluster:
         self._unreleased: set[int] = set()  # handed back here, not yet in the database
         self._live = 1  # live instances, and portals with work or leased, at the last survey
         self._total = 0
+        self._counted: set[int] = set()  # portals that total counts (owned here, or candidates)
         self._registered = False
         self._lock = asyncio.Lock()  # one change of the leases at a time
         self._wake = asyncio.Event()  # another instance announced something
@@ -133,8 +134,10 @@ class Cluster:
         return self._until.get(portal_id, -math.inf) > self._clock()
 
     def fair_share(self, extra: int = 0) -> int:
-        """Portals with work or leased (and `extra` more) per live instance, rounded up."""
-        return math.ceil((self._total + extra) / self._live)
+        """Portals with work or leased (and `extra` more) per live instance, rounded up. (The
+        portals taken here since the last survey count too: work that arrived meanwhile.)"""
+        uncounted = sum(1 for p in self._until if p not in self._counted)
+        return math.ceil((self._total + uncounted + extra) / self._live)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -189,7 +192,8 @@ class Cluster:
                 return set()
             wanted = [p for p in dict.fromkeys(portal_ids) if p not in self._until]
             wanted = [p for p in wanted if not self._cooling(p)]
-            room = self.fair_share(len(wanted)) - len(self._until)
+            new = sum(1 for p in wanted if p not in self._counted)
+            room = self.fair_share(new) - len(self._until)
             return await self._take(wanted[: max(room, 0)])
 
     async def route(self, work: Mapping[int, Collection[int]]) -> None:
@@ -380,6 +384,7 @@ class Cluster:
     def _note(self, survey: Survey) -> None:
         self._live = max(1, survey.live)
         self._total = survey.leased + survey.unowned
+        self._counted = set(self._until) | set(survey.candidates)
 
     def _excess(self, survey: Survey) -> int:
         """Portals to hand back so that an instance with room gets them: those beyond the fair
