@@ -205,7 +205,7 @@ async def serve(
 
 async def _join(cluster: Cluster) -> None:
     """Join the cluster and take this instance's first portals (their claimed rows reset,
-    their queues loaded: see Supervisor.take_over), before the daemon reports ready. If that
+    their queues loaded: see drain/handover.py), before the daemon reports ready. If that
     fails, every portal taken goes back at once (nothing was sent for it)."""
     try:
         await cluster.start()
@@ -270,9 +270,10 @@ async def _assemble(
     )
     # (the portals, their claimed rows and their queues are taken up as the leases come:
     # the first ones by _join, before the daemon reports ready)
-    cluster.on_gained = scheduler.take_over
-    cluster.on_lost = scheduler.let_go
-    cluster.on_work = scheduler.on_work
+    assert scheduler.handover is not None
+    cluster.on_gained = scheduler.handover.take_over
+    cluster.on_lost = scheduler.handover.let_go
+    cluster.on_work = scheduler.handover.on_work
     _tune_gc()
     configs = await repo.action_configs()
     intake = Intake(

@@ -198,13 +198,6 @@ WHERE state = 'claimed' AND claimed_at = ANY($1::timestamptz[])
 RETURNING queue_id
 """
 
-RECOVER_CLAIMED = """
-WITH r AS (
-    UPDATE actions SET state = 'pending' WHERE state = 'claimed' RETURNING queue_id
-)
-SELECT queue_id, count(*)::int AS n FROM r GROUP BY queue_id
-"""
-
 # Rows left claimed for portals an instance takes over (by an instance that died, or lost its
 # lease), except those this process holds itself (`$2`). (A sequential pass, as claimed rows
 # have no index: run only when a portal changes hands with claims possibly left behind.)

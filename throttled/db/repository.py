@@ -445,10 +445,6 @@ class Repository(OperatorQueries, ClusterQueries):
 
     # -- recovery and maintenance -----------------------------------------------------------
 
-    async def recover_claimed(self) -> dict[int, int]:
-        """Release rows a dead process had claimed; return queue_id → count."""
-        return {r["queue_id"]: r["n"] for r in await self._fetch(q.RECOVER_CLAIMED)}
-
     async def recover_claimed_of(
         self, portal_ids: Sequence[int], held: Sequence[int]
     ) -> dict[int, int]:

@@ -18,8 +18,8 @@ pool's command timeout is 60 s); ten minutes is far beyond that.
 Only rows of the portals this instance owns (its portal leases, throttled/cluster.py) are
 looked at: another live instance's claimed rows are in its hands, not stale. (Rows left
 claimed by an instance that died are reset by whoever takes its portals over: see
-Supervisor.take_over.) Released rows are charged to their queue's rate as sent now (they may
-have gone out before a crash), so a release never bursts.
+Handover.take_over in drain/handover.py.) Released rows are charged to their queue's rate as
+sent now (they may have gone out before a crash), so a release never bursts.
 """
 
 from __future__ import annotations
