@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import secrets
 import signal
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ from tests.conftest import (
 from tests.daemon_process import DaemonProcess, post_signed, query, write_config
 from throttled import config as config_module
 from throttled.config import Config
+from throttled.db.cluster import CHANNEL
+from throttled.db.repository import Repository
 from throttled.hubspot.fake import FakeHubSpot, Received, max_in_window
 
 PORTALS = [7101, 7102, 7103, 7104]
@@ -77,6 +81,12 @@ def instance_config(db_url: str, fake: FakeHubSpot, shared: dict[str, Any], name
     cfg = config_module.from_mapping(raw, source="(test)")
     config_module.validate(cfg)
     return cfg
+
+
+@contextlib.asynccontextmanager
+async def observer(url: str) -> AsyncIterator[Repository]:
+    async with Repository.open(url, min_size=1, max_size=2) as repo:
+        yield repo
 
 
 async def connect(daemon: Daemon, fake: FakeHubSpot, portals: Iterable[int]) -> None:
@@ -175,6 +185,56 @@ async def test_a_stopping_instance_hands_its_portals_over_at_once(db_url, fake):
             await wait_for(lambda: all(i in fake.completed for i in ids), timeout=60)
     # The new owner replayed the rate log and counted the old one's requests in its budget.
     check_the_wire(fake, payloads, once=True)
+
+
+async def test_intake_at_another_instance_wakes_the_owner_with_a_notification_per_batch(
+    db_url, fake
+):
+    shared = sections(lease_s=30.0)
+    portal = PORTALS[0]
+    start = datetime.fromtimestamp(time.time() + 3600, UTC).isoformat()
+    later = {**FIELDS, "startAt": start}  # (the rows stay pending)
+    async with (
+        running(instance_config(db_url, fake, shared, "one")) as one,
+        running(instance_config(db_url, fake, shared, "two")) as two,
+        observer(db_url) as listener,
+    ):
+        await connect(one, fake, [portal])
+        first = action_payload(portal_id=portal, workflow_id=76, input_fields=later)
+        await post_all([one], [first])
+        # One of them takes it (the other's heartbeat may find it first).
+        await wait_for(lambda: portal in one.runtime.cluster.owned | two.runtime.cluster.owned)
+        a, b = (one, two) if portal in one.runtime.cluster.owned else (two, one)
+        await wait_for(lambda: len(a.runtime.scheduler.running) == 1)
+        (first_queue,) = a.runtime.scheduler.running
+
+        notes: list[dict[str, Any]] = []
+
+        def heard(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+            notes.append(json.loads(payload))
+
+        conn = await listener.pool.acquire()
+        await conn.add_listener(CHANNEL, heard)
+        batches = b.runtime.ingest.batches
+        payloads = [
+            action_payload(portal_id=portal, workflow_id=77, input_fields=later)
+            for _ in range(60)
+        ]
+        answers = await asyncio.gather(*(b.post_action(p) for p in payloads))
+        assert [status for status, _ in answers] == [200] * len(payloads)
+        # The owner was told, and runs the new queue; the other one runs none.
+        await wait_for(lambda: len(a.runtime.scheduler.running) == 2)
+        (queue_id,) = a.runtime.scheduler.running - {first_queue}
+        assert not b.runtime.scheduler.running
+        flushed = b.runtime.ingest.batches - batches
+        await asyncio.sleep(0.2)  # (a notification still on its way would be counted)
+        # (a notification for the first action may come too: routed after the owner took it)
+        work = [n for n in notes if queue_id in n.get("work", {}).get(str(portal), [])]
+        assert 1 <= len(work) <= flushed, (notes, flushed)
+        assert all(n["instance"] == b.runtime.cluster.id for n in work)
+        await conn.remove_listener(CHANNEL, heard)
+        await listener.pool.release(conn)
+    assert not any(p["callbackId"] in fake.completed for p in payloads)
 
 
 @contextlib.asynccontextmanager
