@@ -15,8 +15,8 @@ import secrets
 import signal
 import time
 from collections import Counter
-from datetime import UTC, datetime
 from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -217,8 +217,7 @@ async def test_intake_at_another_instance_wakes_the_owner_with_a_notification_pe
         await conn.add_listener(CHANNEL, heard)
         batches = b.runtime.ingest.batches
         payloads = [
-            action_payload(portal_id=portal, workflow_id=77, input_fields=later)
-            for _ in range(60)
+            action_payload(portal_id=portal, workflow_id=77, input_fields=later) for _ in range(60)
         ]
         answers = await asyncio.gather(*(b.post_action(p) for p in payloads))
         assert [status for status, _ in answers] == [200] * len(payloads)
