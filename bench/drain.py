@@ -119,8 +119,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--loop",
         choices=("asyncio", "uvloop"),
-        help="event loop of the bare drainer, and of the daemon if its config has "
-        "server.event_loop (default asyncio)",
+        help="event loop of the bare drainer and of the daemon (server.event_loop); "
+        "default: asyncio for the bare drainer, the daemon's own default (uvloop)",
     )
     p.add_argument("--no-bare", action="store_true", help="skip the bare drainer's phase")
     p.add_argument(
@@ -153,6 +153,13 @@ def daemon_has_event_loop_setting() -> bool:
     from throttled.config import ServerConfig
 
     return "event_loop" in {f.name for f in dataclasses.fields(ServerConfig)}
+
+
+def daemon_default_event_loop() -> str:
+    """The daemon's event loop when its config does not name one."""
+    from throttled.config import ServerConfig
+
+    return str(ServerConfig().event_loop)
 
 
 # -- seeding ----------------------------------------------------------------------------------
@@ -495,7 +502,8 @@ class DrainBench(harness.Bench):
             )
         if self.daemon_loop:
             return f"{loop} for both (daemon: server.event_loop = {loop!r})"
-        return "bare drainer asyncio, daemon its server.event_loop default"
+        default = daemon_default_event_loop()
+        return f"bare drainer asyncio, daemon {default} (its server.event_loop default)"
 
     def _start_fake(self, name: str, out: Path) -> tuple[subprocess.Popen[bytes], str]:
         """fake_server.py with HubSpot's per-portal limit (--fake-budget); its base URL."""

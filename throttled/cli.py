@@ -189,8 +189,30 @@ def _serve(args: argparse.Namespace) -> int:
     from throttled.daemon import serve
 
     cfg = _load(args)
-    asyncio.run(_with_signals(lambda stop: serve(cfg, stop=stop)))
+
+    async def run(stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        kind = f"{type(loop).__module__}.{type(loop).__qualname__}"
+        log.debug("event_loop", loop=cfg.server.event_loop, implementation=kind)
+        await serve(cfg, stop=stop)
+
+    with asyncio.Runner(loop_factory=_loop_factory(cfg.server.event_loop)) as runner:
+        runner.run(_with_signals(run))
     return 0
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """server.event_loop: uvloop's loop, or None for asyncio's own."""
+    if name != "uvloop":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        raise ConfigError(
+            'server.event_loop: "uvloop" cannot be imported here (pip install uvloop), '
+            'or set it to "asyncio"'
+        ) from None
+    return uvloop.new_event_loop
 
 
 async def _with_signals(run: object) -> None:

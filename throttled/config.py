@@ -95,6 +95,7 @@ class ServerConfig:
     shutdown_timeout_s: float = _num(30.0, 1, 3600)
     body_timeout_s: float = _num(10.0, 0.1, 300)
     trust_forwarded_for: bool = False  # the client is X-Forwarded-For's last entry
+    event_loop: str = "uvloop"  # the serve's event loop: uvloop, or asyncio (the standard one)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -221,6 +222,7 @@ class AdminConfig:
     change_check_s: float = _num(5.0, 0.1, 3600)
 
 
+EVENT_LOOPS = ("uvloop", "asyncio")  # server.event_loop
 ADMIN_ENV = "THROTTLED_ADMIN_TOKEN"  # adds one admin token, id "env"
 MIN_ADMIN_TOKEN_CHARS = 16
 MAX_ADMIN_TOKEN_CHARS = 512
@@ -697,6 +699,10 @@ def _check_rules(config: Config) -> None:
             "logging.format: must be auto, json or console",
         ),
         (
+            config.server.event_loop in EVENT_LOOPS,
+            "server.event_loop: must be uvloop or asyncio",
+        ),
+        (
             config.hubspot.oauth_version in OAUTH_PATHS,
             "hubspot.oauth_version: must be v1 or v3",
         ),
@@ -711,6 +717,12 @@ def _check_rules(config: Config) -> None:
         (
             len(config.cluster.instance_name) <= MAX_INSTANCE_NAME,
             f"cluster.instance_name: at most {MAX_INSTANCE_NAME} characters",
+        ),
+        (
+            not _PID_SUFFIX.search(config.cluster.instance_name),
+            "cluster.instance_name: must not end in ':' and digits (that is the default"
+            " hostname:pid form, which an instance starting on the same host checks against"
+            " its process table to end a crashed process's leases)",
         ),
     ]
     for ok, message in checks:
@@ -757,6 +769,7 @@ def _check_path(value: str, where: str) -> None:
         raise ConfigError(f"{where}: must be a URL path starting with /, got {brief(value)}")
 
 
+_PID_SUFFIX = re.compile(r":[0-9]+\Z")  # the default instance name's form
 _SCOPE = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 
 

@@ -1,12 +1,13 @@
 """The dispatcher: owns the portal senders (one task each, in its TaskGroup), the result
 writer and the expiry of rows found past their deadline while claimed. With several
-instances it sends only for the portals this one owns (`owns`), and lets go of a portal by
+instances it sends only for the portals this one owns (`lease_left`), and lets go of a portal by
 taking its rows back and waiting until its requests under way are answered and written."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 
@@ -29,8 +30,8 @@ Clock = Callable[[], float]
 SETTLE_POLL_S = 0.005  # while the writer's own write of a portal's outcomes is under way
 
 
-def _everywhere(portal_id: int) -> bool:
-    return True
+def _always(portal_id: int) -> float:
+    return math.inf
 
 
 class Dispatcher:
@@ -45,7 +46,7 @@ class Dispatcher:
         config: SenderConfig,
         clock: Clock,
         margin_s: float = 0.002,
-        owns: Callable[[int], bool] = _everywhere,
+        lease_left: Callable[[int], float] = _always,
     ) -> None:
         self.repo = repo
         self.client = client
@@ -53,7 +54,8 @@ class Dispatcher:
         self.config = config
         self.clock = clock
         self.margin_s = margin_s
-        self.owns = owns  # whether this instance may send for a portal now (its lease)
+        # How long a request for a portal may last from now (0: not this instance's to send).
+        self.lease_left = lease_left
         self.writer = ResultWriter(repo)
         self.seq = itertools.count()
         self._senders: dict[int, PortalSender] = {}

@@ -13,7 +13,7 @@ import heapq
 import math
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,18 +22,12 @@ import structlog
 from throttled import metrics
 from throttled.aio import wait_event
 from throttled.crypto import CryptoError
-from throttled.db.repository import ClaimedAction, DatabaseError, Retry
+from throttled.db.repository import ClaimedAction, DatabaseError
 from throttled.drain.budget import Budget
-from throttled.drain.outcomes import (
-    Outcome,
-    bisect,
-    count,
-    retry_all,
-    run_length,
-    sends,
-    utc,
-)
-from throttled.hubspot.client import CompletionResult, TokenError
+from throttled.drain.charges import RECHECK_S, Charges
+from throttled.drain.judge import Judge
+from throttled.drain.outcomes import Outcome, count, retry_all, run_length
+from throttled.hubspot.client import TokenError
 from throttled.queues import QueueState
 from throttled.tokens import WAITING_FOR_CONNECTION, PortalNotConnected
 
@@ -42,7 +36,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-AUTH_RETRIES = 3  # different access tokens refused (401) in a row before a 401 counts
+MIN_REQUEST_S = 1.0  # a request is not started with less of its portal's lease left
 
 
 @dataclass(eq=False, slots=True)
@@ -51,6 +45,7 @@ class _Batch:
     rows: deque[ClaimedAction]
     due: float  # the instant the rows were claimed for (for the scheduler-lag histogram)
     gone: asyncio.Future[None]  # done once no row is left here
+    deadline: float  # no row's deadline is earlier (the earliest, or one already gone)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,17 +61,20 @@ def _emptied(batch: _Batch) -> None:
         batch.gone.set_result(None)
 
 
-def _first_deadline(batch: _Batch) -> float:
-    """The earliest deadline among a batch's rows."""
-    return min(r.deadline.timestamp() for r in batch.rows)
+def _first_deadline(rows: Iterable[ClaimedAction]) -> float:
+    """The earliest deadline among rows (inf: none)."""
+    first = min((r.deadline for r in rows), default=None)  # (one timestamp(), not one a row)
+    return math.inf if first is None else first.timestamp()
 
 
 def _pop_expired(batch: _Batch, at: float) -> list[ClaimedAction]:
     """Remove rows whose HubSpot block has expired: sending them is pointless."""
-    if all(r.deadline.timestamp() > at for r in batch.rows):
+    if batch.deadline > at:  # (the common case: no row's deadline is near)
         return []
     gone = [r for r in batch.rows if r.deadline.timestamp() <= at]
-    batch.rows = deque(r for r in batch.rows if r.deadline.timestamp() > at)
+    if gone:
+        batch.rows = deque(r for r in batch.rows if r.deadline.timestamp() > at)
+    batch.deadline = _first_deadline(batch.rows)
     return gone
 
 
@@ -93,11 +91,11 @@ class PortalSender:
             dispatcher.config.portal_requests, dispatcher.config.portal_interval_seconds
         )
         self._paused_until = 0.0
-        self._refused_token: str | None = None  # the last token HubSpot answered 401 to
-        self._refused_tokens = 0  # different tokens refused in a row
+        self._judge = Judge(portal_id, dispatcher, self.pause)  # what an answer means
         self._wake = asyncio.Event()
         self._in_flight = asyncio.Semaphore(dispatcher.config.max_in_flight)
         self._tasks: dict[asyncio.Task[None], list[ClaimedAction]] = {}  # sends in flight
+        self._charges = Charges(dispatcher.clock, dispatcher.margin_s, self._wake.set)
 
     @property
     def held(self) -> int:
@@ -123,7 +121,8 @@ class PortalSender:
         done once none of them is held here any more (sent, expired, recalled or released).
         Urgent rows (a queue waking from idle) go in the next request, without waiting for
         it to fill."""
-        batch = _Batch(queue, deque(rows), at, asyncio.get_running_loop().create_future())
+        future = asyncio.get_running_loop().create_future()
+        batch = _Batch(queue, deque(rows), at, future, _first_deadline(rows))
         if urgent:
             self._urgent.append((at, batch))
             self._wake.set()
@@ -265,7 +264,8 @@ class PortalSender:
             self._d.expire(expired)
         if not rows:
             return False
-        if not self._d.owns(self.portal_id):  # the lease lapsed here: another may send them
+        if self._d.lease_left(self.portal_id) < MIN_REQUEST_S:  # the lease lapsed here (or
+            # is about to): another instance may take the portal and send them
             self._d.writer.add(
                 retry_all(rows, at, at, "portal lease lapsed", counted=False, sent=False)
             )
@@ -276,7 +276,8 @@ class PortalSender:
             )
             return False
         self._budget.spend(at)
-        task = asyncio.create_task(self._send(rows, at, token), name=f"send-{self.portal_id}")
+        send = self._send(rows, at, token, self._charges.built(rows))
+        task = asyncio.create_task(send, name=f"send-{self.portal_id}")
         self._tasks[task] = [r for _, r in rows]
         task.add_done_callback(self._sent)
         return True
@@ -300,6 +301,9 @@ class PortalSender:
         while self._heap and self._heap[0][0] <= at and room > 0:
             due, _, batch = heapq.heappop(self._heap)
             queue = batch.queue
+            if self._charges.waiting(queue.id):  # (a request of its is not written yet)
+                skipped.append((at + RECHECK_S, batch))
+                continue
             expired.extend(_pop_expired(batch, at))
             if not batch.rows:
                 _emptied(batch)
@@ -324,16 +328,20 @@ class PortalSender:
                 again = at if n and room == 0 else queue.limiter.earliest(at)
                 # Never later than the first row's deadline: held rows (a policy that moved
                 # later, a queue held) are then expired, not kept claimed past it.
-                skipped.append((min(again, _first_deadline(batch)), batch))
+                skipped.append((min(again, batch.deadline), batch))
         for due, batch in skipped:
             self._push(batch, due)
         return taken, expired
 
     async def _send(
-        self, rows: list[tuple[QueueState, ClaimedAction]], at: float, token: str
+        self,
+        rows: list[tuple[QueueState, ClaimedAction]],
+        at: float,
+        token: str,
+        unwritten: set[int],
     ) -> None:
         try:
-            outcome = await self._attempt(rows, at, token)
+            outcome = await self._attempt(rows, at, token, unwritten)
             self._d.writer.add(outcome)
         except Exception:  # a bug here must not lose rows: release them for a later claim
             log.exception("send_failed_unexpectedly", portal_id=self.portal_id, rows=len(rows))
@@ -343,12 +351,17 @@ class PortalSender:
                 retry_all(rows, at, self._d.clock(), "internal error", counted=False, sent=False)
             )
         finally:
+            self._charges.written(unwritten)  # (if it never was: it failed before)
             self._budget.settle(at, self._d.clock())  # (HubSpot counted it by now, if at all)
             self._in_flight.release()
             self._wake.set()
 
     async def _attempt(
-        self, rows: list[tuple[QueueState, ClaimedAction]], at: float, token: str
+        self,
+        rows: list[tuple[QueueState, ClaimedAction]],
+        at: float,
+        token: str,
+        unwritten: set[int],
     ) -> Outcome:
         d = self._d
         state = rows[0][0].complete_as or "SUCCESS"  # (_fill puts one state in a request)
@@ -356,15 +369,20 @@ class PortalSender:
         sent = [at + d.margin_s]  # the instant charged to the limiters, and stored
 
         def on_sent() -> None:
-            sent[0] = self._redate(rows, at)
+            sent[0] = self._charges.redate(rows, at)
+            self._charges.written(unwritten)
 
         def on_written() -> None:
             # Normally well within the margin; after a pause (a garbage collection between
             # the first instant and the write) the charge moves to an instant past the write.
-            sent[0] = self._redate(rows, sent[0] - d.margin_s, margin=0.0)
+            sent[0] = self._charges.redate(rows, sent[0] - d.margin_s, margin=0.0)
 
         started = time.monotonic()
-        result = await d.client.complete_batch(token, body, on_sent, on_written)
+        # A request is over before its portal's lease can expire in the database (abandoned
+        # if need be: a timeout, retried like any other), so that no next owner sends its rows
+        # while it is under way.
+        timeout_s = d.lease_left(self.portal_id)
+        result = await d.client.complete_batch(token, body, on_sent, on_written, timeout_s)
         latency = time.monotonic() - started
         d.tokens.health.result(
             self.portal_id,
@@ -377,115 +395,6 @@ class PortalSender:
         )
         metrics.REQUESTS.inc(status=str(result.status))
         metrics.HUBSPOT_LATENCY.observe(latency, endpoint="complete", status=str(result.status))
-        outcome = self._judge(rows, sent[0], result, token)
+        outcome = self._judge.judge(rows, sent[0], result, token)
         count(self.portal_id, result.status, outcome)
-        return outcome
-
-    def _redate(
-        self,
-        rows: list[tuple[QueueState, ClaimedAction]],
-        charged: float,
-        *,
-        margin: float | None = None,
-    ) -> float:
-        """Move the limiters' charge from `charged` (+ the send margin) to now + `margin`,
-        if that is later; return the charged instant, which is also what the rate log keeps."""
-        now = self._d.clock()
-        old = charged + self._d.margin_s
-        new = now + (self._d.margin_s if margin is None else margin)
-        if new > old:
-            counts: dict[int, int] = {}
-            queues: dict[int, QueueState] = {}
-            for queue, _ in rows:
-                counts[queue.id] = counts.get(queue.id, 0) + 1
-                queues[queue.id] = queue
-            for queue_id, n in counts.items():
-                queues[queue_id].limiter.move(old, new, n)
-        return max(old, new)
-
-    def _judge(
-        self,
-        rows: list[tuple[QueueState, ClaimedAction]],
-        at: float,
-        result: CompletionResult,
-        token: str,
-    ) -> Outcome:
-        d = self._d
-        now = d.clock()
-        if result.ok:
-            metrics.COMPLETED.inc(len(rows))
-            self._refused_tokens = 0
-            return Outcome(done=[(r, at) for _, r in rows])
-        if result.status == 429:
-            wait = next(
-                w
-                for w in (
-                    result.retry_after_s,
-                    result.rate_interval_s,
-                    d.config.portal_interval_seconds,
-                )
-                if w is not None
-            )
-            self.pause(now + wait)
-            log.warning(
-                "rate_limited", portal_id=self.portal_id, wait_s=wait, policy=result.policy_name
-            )
-            return retry_all(
-                rows, at, now + wait, f"429 {result.message}", counted=False, sent=True
-            )
-        if result.status == 401:
-            # The token, not the actions: retried uncounted with a new one (whose refresh
-            # may find the portal disconnected, and then they wait). Only when HubSpot has
-            # refused AUTH_RETRIES different tokens in a row does a 401 count as a failure.
-            d.tokens.invalidate(self.portal_id)
-            if token != self._refused_token:
-                self._refused_token = token
-                self._refused_tokens += 1
-            if self._refused_tokens <= AUTH_RETRIES:
-                wait = d.backoff(self._refused_tokens)
-                return retry_all(
-                    rows, at, now + wait, f"401 {result.message}", counted=False, sent=True
-                )
-        if result.status == 400 and len(rows) > 1:
-            return bisect(rows, at, result.message, d.new_group)
-        if result.status == 400:
-            _, row = rows[0]
-            log.warning(
-                "callback_rejected",
-                portal_id=self.portal_id,
-                callback_id=row.callback_id,
-                error=result.message,
-            )
-            # The row's own sent_at keeps this send in the rate log.
-            return Outcome(failed=[(row, f"400 {result.message}", at)])
-        reason = f"{result.status or 'network'} {result.message}".strip()
-        return self._failure(rows, at, now, reason)
-
-    def _failure(
-        self, rows: list[tuple[QueueState, ClaimedAction]], at: float, now: float, reason: str
-    ) -> Outcome:
-        d = self._d
-        outcome = Outcome(sends=sends(rows, at))
-        for queue, row in rows:
-            if row.attempts + 1 >= d.config.max_attempts:
-                outcome.failed.append(
-                    (row, f"gave up after {row.attempts + 1} attempts: {reason}", None)
-                )
-                continue
-            failures = row.failures + 1
-            hold = failures % d.config.hold_after_failures == 0
-            delay = d.config.hold_s if hold else d.backoff(failures)
-            outcome.retry.append(
-                (
-                    queue,
-                    Retry(
-                        id=row.id,
-                        not_before=utc(now + delay),
-                        error=reason,
-                        counted=True,
-                        split_group=row.split_group,
-                    ),
-                )
-            )
-        log.warning("send_failed", portal_id=self.portal_id, rows=len(rows), reason=reason)
         return outcome

@@ -58,39 +58,93 @@ def wanted(queue: QueueState, slot: float, horizon_s: float) -> int:
     return max(1, len(queue.limiter.plan(slot, horizon_s + 1e-9, MAX_CLAIM_ROWS)))
 
 
+class _Handover:
+    """A claim's answer, taken up as soon as it comes (a done-callback of the claim, before
+    the coroutine wakes): its rows go to the portal's sender, and the coroutine, asleep since
+    it asked, is woken once they have gone out (`gone`, the sender's future), or at once if
+    none were handed over (none claimed, a database error, or paused meanwhile)."""
+
+    __slots__ = ("alarm", "answered", "drain", "gone", "queue", "slot", "urgent")
+
+    def __init__(self, queue: QueueState, alarm: Alarm, drain: Drain) -> None:
+        self.queue = queue
+        self.alarm = alarm
+        self.drain = drain
+        self.slot = 0.0
+        self.urgent = False
+        self.gone: asyncio.Future[None] | None = None
+        self.answered = False  # this claim's answer was taken up (handed over, or not)
+
+    def ask(self, n: int, slot: float, *, urgent: bool) -> asyncio.Future[list[ClaimedAction]]:
+        """Ask for up to `n` rows, to go out from `slot`."""
+        self.slot, self.urgent, self.gone, self.answered = slot, urgent, None, False
+        claim = self.drain.claimer.claim(self.queue, n, urgent=urgent)
+        claim.add_done_callback(self)
+        return claim
+
+    def __call__(self, claim: asyncio.Future[list[ClaimedAction]]) -> None:
+        if self.answered or claim.cancelled():
+            return
+        self.answered = True
+        if claim.exception() is None:
+            queue, drain, rows = self.queue, self.drain, claim.result()
+            if rows and not queue.paused and drain.owns(queue.portal_id):
+                self.gone = drain.hand_over(queue, rows, self.slot, urgent=self.urgent)
+                self.alarm.watch(self.gone)
+                return
+        self.alarm.ring()
+
+
 async def drain_queue(queue: QueueState, signals: Signals, drain: Drain) -> None:
     """Claim the queue's rows as its limiter's slots come, hand them to its portal's sender
     and wait until they have gone out; return when none is left (or the queue is paused, its
-    portal is not ours, or the daemon stops). Database errors are waited out, with backoff."""
+    portal is not ours, or the daemon stops). Database errors are waited out, with backoff.
+
+    A queue with a backlog costs one wake per claim: it asks, and sleeps while the answer
+    goes to the sender without it, until its rows have gone; then, if its next slot is
+    within the claim horizon, it claims again at once (the sender holds the rows to their
+    slots), else it sleeps until the slot less the lookahead."""
     urgent = signals.urgent
     maybe_held = signals.held  # some rows may wait out a retry backoff
     alarm = signals.alarm
+    handover = _Handover(queue, alarm, drain)
+    ahead = drain.lookahead_s  # how long before its next slot it claims
     while not drain.stopped.done() and not queue.paused and drain.owns(queue.portal_id):
         now = drain.clock()
         slot = queue.limiter.earliest(now)
         if slot == math.inf:
             return  # held (an unreadable policy), or closed for good: a change wakes it
-        if slot - drain.lookahead_s > now:
-            await alarm.sleep(slot - drain.lookahead_s - now)
+        if slot - ahead > now:
+            ahead = drain.lookahead_s
+            await alarm.sleep(slot - ahead - now)
             continue  # (rung or not, the slot is looked up again: the policy may have moved)
+        ahead = drain.lookahead_s
         want = wanted(queue, slot, drain.horizon_s)
         signals.more = False
         maybe_held |= signals.held
         signals.held = False
+        claim = handover.ask(want, slot, urgent=urgent)
         try:
-            rows = await drain.claimer.claim(queue, want, urgent=urgent)
+            await alarm.sleep(None)  # (woken once its rows have gone, or rung)
+            rows = await claim
+            if not handover.answered:  # (rung, and woke before the claim's callback ran)
+                claim.remove_done_callback(handover)
+                handover(claim)
         except DatabaseError:
             await _wait_out(drain, alarm, drain.claimer.retry_in)
             continue
-        if queue.paused or not drain.owns(queue.portal_id):
-            await drain.give_back(rows)  # paused (or the portal lost) while it claimed
+        except asyncio.CancelledError:
+            claim.cancel()  # (if not answered yet, its rows go back: see Claimer.claim)
+            raise
+        gone = handover.gone
+        if gone is None and rows:  # paused (or the portal lost) while it claimed
+            await drain.give_back(rows)
             return
-        if rows:  # then wait until they have gone out (or the stop)
-            gone = drain.hand_over(queue, rows, slot, urgent=urgent)
-            while not gone.done() and not drain.stopped.done():
-                await alarm.until(gone)
+        while gone is not None and not gone.done() and not drain.stopped.done():
+            await alarm.until(gone)
         urgent = False
         if len(rows) >= want or signals.more:
+            ahead = max(drain.lookahead_s, drain.horizon_s)  # (its rows have gone: see above)
             continue
         if maybe_held or signals.held:
             try:
