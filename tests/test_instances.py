@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import secrets
 import signal
@@ -342,3 +343,79 @@ async def test_a_killed_instance_s_portals_are_taken_over_within_the_lease(tmp_p
         db_url, "SELECT state, count(*) FROM actions WHERE callback_id = ANY(%s) GROUP BY 1", ids
     )
     assert dict(states) == {"done": len(ids)}
+
+
+async def test_a_request_is_over_before_its_portal_s_lease_can_expire(db_url, fake):
+    """HubSpot answers after 8 s and the client would wait 30; the lease is 3 s (renewed
+    every second, so a request starts with at most 2.5 s of it left): the request is
+    abandoned before the lease could expire, so that a next owner (after a partition, say)
+    never sends the rows while it is under way. The row is retried like any timeout."""
+    shared = sections(lease_s=3.0)
+    cfg = instance_config(db_url, fake, shared, "slow")
+    hubspot = dataclasses.replace(cfg.hubspot, request_timeout_s=30.0)
+    cfg = dataclasses.replace(cfg, hubspot=hubspot)
+    fake.delay_s = 8.0
+    async with running(cfg) as daemon:
+        await connect(daemon, fake, [PORTALS[0]])
+        (payload,) = backlog(queues_per_portal=1, per_queue=1)[:1]
+        await post_all([daemon], [payload])
+        await wait_for(lambda: len(fake.received) >= 1)
+        answered_at = fake.received[0].at + fake.delay_s  # when the fake answers the first
+
+        async def retried() -> bool:
+            rows = await query(
+                db_url,
+                "SELECT attempts, last_error FROM actions WHERE callback_id = %s",
+                payload["callbackId"],
+            )
+            return bool(rows) and rows[0][0] >= 1
+
+        await wait_until(retried, timeout=30)
+        assert time.time() < answered_at  # abandoned before HubSpot answered
+        ((attempts, error),) = await query(
+            db_url,
+            "SELECT attempts, last_error FROM actions WHERE callback_id = %s",
+            payload["callbackId"],
+        )
+        assert attempts >= 1
+        assert "Timeout" in (error or ""), error
+        fake.delay_s = 0.0
+        await wait_for(lambda: payload["callbackId"] in fake.completed)
+
+
+async def test_a_hand_back_waits_for_requests_under_way_without_stopping_the_heartbeat(
+    db_url, fake
+):
+    """HubSpot takes 1.2 s to answer; the lease is 3 s (a heartbeat a second, a lease
+    lapsing here a second early). When a second instance joins, the first hands one portal
+    back only once its request under way is answered and written, and meanwhile goes on
+    renewing the portal it keeps: that one never lapses."""
+    shared = sections(lease_s=3.0)
+    payloads = [
+        p for p in backlog(queues_per_portal=1, per_queue=40) if queue_of(p)[0] in PORTALS[:2]
+    ]
+    fake.delay_s = 1.2
+    async with running(instance_config(db_url, fake, shared, "first")) as a:
+        await connect(a, fake, PORTALS[:2])
+        await post_all([a], payloads)
+        await wait_for(lambda: a.runtime.cluster.owned == set(PORTALS[:2]))
+        await wait_for(lambda: len(fake.received) >= 2)
+        lapsed: list[int] = []
+        async with running(instance_config(db_url, fake, shared, "second")) as b:
+            while not b.runtime.cluster.owned:
+                owned = a.runtime.cluster.owned
+                if len(owned) < 1:
+                    lapsed.append(len(owned))
+                await asyncio.sleep(0.01)
+            (handed,) = b.runtime.cluster.owned
+            (kept,) = set(PORTALS[:2]) - {handed}
+            for _ in range(200):  # two seconds more
+                if not a.runtime.cluster.owns(kept):
+                    lapsed.append(kept)
+                await asyncio.sleep(0.01)
+            assert lapsed == []
+            assert a.runtime.cluster.owned == {kept}
+            fake.delay_s = 0.0
+            ids = [p["callbackId"] for p in payloads]
+            await wait_for(lambda: all(i in fake.completed for i in ids), timeout=60)
+    check_the_wire(fake, payloads, once=True)

@@ -61,6 +61,8 @@ Work = Callable[[list[int], set[int]], None]
 T = TypeVar("T")
 
 LOGGED_PORTALS = 20  # portal ids a log line names (it counts them all)
+MAX_ID = 2**63 - 1  # a bigint: an id from a notification beyond it is no queue's
+SEND_SLACK_S = 0.5  # a request ends this long before its portal's lease can expire
 MAX_PAYLOAD = 7000  # characters of a work notification (PostgreSQL's limit is 8000 bytes)
 
 
@@ -113,6 +115,9 @@ class Cluster:
         self._handed: dict[int, float] = {}  # portal -> when it was handed back (recently)
         self._calm_until = -math.inf  # no rebalancing before then (see _take)
         self._unreleased: set[int] = set()  # handed back here, not yet in the database
+        self._settling: set[int] = set()  # being handed back: on_lost under way (leases kept)
+        self._letting_go: set[asyncio.Task[None]] = set()  # those on_lost calls
+        self._failed: list[asyncio.Task[None]] = []  # hand-backs that raised (not a DB error)
         self._live = 1  # live instances, and portals with work or leased, at the last survey
         self._total = 0
         self._counted: set[int] = set()  # portals that total counts (owned here, or candidates)
@@ -132,6 +137,17 @@ class Cluster:
     def owns(self, portal_id: int) -> bool:
         """Whether this instance may send for this portal now."""
         return self._until.get(portal_id, -math.inf) > self._clock()
+
+    def lease_left(self, portal_id: int) -> float:
+        """How long a request for this portal started now may last: until its lease may
+        expire in the database (taken over then, its rows sent again by the next owner), less
+        SEND_SLACK_S; 0 if this instance may not send for it now. A request must be over by
+        then, answered or abandoned (see PortalSender)."""
+        now = self._clock()
+        until = self._until.get(portal_id, -math.inf)
+        if until <= now:
+            return 0.0
+        return max(0.0, until + self.margin_s - SEND_SLACK_S - now)
 
     def fair_share(self, extra: int = 0) -> int:
         """Portals with work or leased (and `extra` more) per live instance, rounded up. (The
@@ -168,6 +184,10 @@ class Cluster:
         """Hand every portal back at once, mark this instance stopped and tell the others.
         Call it once nothing more is sent (on_lost is not called)."""
         self._halted.set()
+        for task in list(self._letting_go):  # (nothing is sent any more: no need to wait)
+            task.cancel()
+        if self._letting_go:
+            await asyncio.wait(list(self._letting_go))
         async with self._lock:
             portals, self._until = set(self._until), {}
             if not self._registered:
@@ -216,9 +236,13 @@ class Cluster:
 
     async def release(self, portal_ids: Iterable[int]) -> set[int]:
         """Hand these portals back at once (idle ones, say): on_lost is called first, then
-        the others are told. The portals handed back."""
+        the others are told. The portals handed back (once they are)."""
         async with self._lock:
-            return await self._hand_back(set(portal_ids) & set(self._until))
+            portals = set(portal_ids) & set(self._until)
+            task = self._hand_back(portals)
+        if task is not None:
+            await asyncio.shield(task)
+        return portals
 
     def _cooling(self, portal_id: int) -> bool:
         """Handed back here less than a heartbeat ago: left to the others for now."""
@@ -261,19 +285,50 @@ class Cluster:
                 self._until.pop(p, None)
             raise
 
-    async def _hand_back(self, portals: set[int]) -> set[int]:
+    def _hand_back(self, portals: set[int]) -> asyncio.Task[None] | None:
+        """Stop sending for these portals now, and hand their leases back once on_lost is
+        over (their requests under way answered and written), in a task of its own: the
+        heartbeat goes on renewing the other leases (and these, until then) meanwhile."""
         if not portals:
-            return set()
+            return None
         for p in portals:
             del self._until[p]
         self._handed.update(dict.fromkeys(portals, self._clock()))
-        self._unreleased |= portals
-        await self.on_lost(portals)  # (nothing is sent for them from here on)
+        self._settling |= portals
+        task = asyncio.create_task(self._let_go(portals), name="cluster-hand-back")
+        self._letting_go.add(task)
+        task.add_done_callback(self._let_go_done)
+        return task
+
+    async def _let_go(self, portals: set[int]) -> None:
+        outage = Outage("cluster_hand_back", "cluster_hand_back_failed")
+        while True:
+            try:
+                await self.on_lost(portals)  # (nothing is sent for them from here on)
+                break
+            except DatabaseError as exc:  # (an outcome not written yet: kept, tried again)
+                await wait_event(self._halted, outage.failed(exc, portals=len(portals)))
+                if self._halted.is_set():
+                    return  # (stop() hands every lease back)
+        outage.over()
+        async with self._lock:
+            self._settling -= portals
+            if self._halted.is_set():
+                return
+            self._unreleased |= portals
+            try:
+                await self._release_pending()
+            except DatabaseError:
+                return  # (the next heartbeat deletes them)
         log.info(
             "portals_handed_back", instance=self.id, count=len(portals), portals=_some(portals)
         )
-        await self._release_pending()
-        return portals
+
+    def _let_go_done(self, task: asyncio.Task[None]) -> None:
+        self._letting_go.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._failed.append(task)  # (a bug: the heartbeat raises it, and the daemon stops)
+            self._wake.set()
 
     async def _release_pending(self) -> None:
         """Delete the leases handed back here (after an outage: those it kept in the database)."""
@@ -304,19 +359,22 @@ class Cluster:
 
     async def _tick(self) -> None:
         """One heartbeat: renew, take up portals that need an owner, rebalance."""
+        if self._failed:
+            self._failed.pop().result()  # (raises)
         await self._expire()
         if not self._registered:
             await self._register()
         sent = self._clock()
         held = await self._db(self._repo.heartbeat(self.id, self.name, self.lease_s))
         held -= self._unreleased  # (renewed, but handed back here: deleted now)
+        held -= self._settling  # (renewed until they are handed back: not ours to send for)
         await self._release_pending()
         await self._renewed(held, sent)
         survey = await self._db(self._repo.survey(self.id, self.lease_s))
         self._note(survey)
         excess = self._excess(survey)
         if excess:
-            await self._hand_back(set(sorted(self._until)[-excess:]))
+            self._hand_back(set(sorted(self._until)[-excess:]))
             return
         room = self.fair_share() - len(self._until)
         if room > 0 and survey.candidates:
@@ -452,9 +510,13 @@ class Cluster:
             for key, ids in work.items():
                 portal = _integer(key)
                 if portal is not None and self.owns(portal) and isinstance(ids, list):
-                    queue_ids += [i for i in ids if type(i) is int]
+                    queue_ids += [i for i in ids if type(i) is int and 0 < i <= MAX_ID]
         named = doc.get("portals")
-        whole = {p for p in named if type(p) is int} if isinstance(named, list) else set()
+        whole = (
+            {p for p in named if type(p) is int and 0 < p <= MAX_ID}
+            if isinstance(named, list)
+            else set()
+        )
         whole = self.owned if doc.get("all") is True else whole & self.owned
         if queue_ids or whole:
             self.on_work(queue_ids, whole)

@@ -257,7 +257,7 @@ async def _assemble(
         config=config.sender,
         clock=clock,
         margin_s=config.sender.send_margin_ms / 1000,
-        owns=cluster.owns,
+        lease_left=cluster.lease_left,
     )
     scheduler = Supervisor(
         repo,

@@ -42,11 +42,13 @@ RETURNING id, pg_notify($4, $5)
 
 # The heartbeat and the renewal of every lease this instance holds, in one statement: a lease
 # not returned is no longer this instance's (another took it over once it expired). (An
-# expired lease nobody took over is renewed too: nobody can have sent for its portal.)
+# expired lease nobody took over is renewed too: nobody can have sent for its portal. An
+# instance that beats is live, even if another took it for a crashed one and marked it
+# stopped: only stop() stops its heartbeat.)
 HEARTBEAT = f"""
 WITH beat AS (
     INSERT INTO instances (id, name) VALUES ($1, $2)
-    ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
+    ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL
 )
 UPDATE portal_leases SET expires_at = now() + {_seconds("$3")}
 WHERE instance_id = $1

@@ -86,8 +86,10 @@ class HubSpotClient:
         body: bytes,
         on_sent: Callable[[], None] | None = None,
         on_written: Callable[[], None] | None = None,
+        timeout_s: float | None = None,
     ) -> CompletionResult:
-        """POST one batch completion; network failures come back as status 0.
+        """POST one batch completion; network failures come back as status 0. `timeout_s`
+        shortens the client's timeout for this request (never lengthens it).
 
         `on_sent` runs right before the request is written to the socket, and `on_written`
         at the event loop's next step, once the write has certainly returned (see
@@ -99,12 +101,15 @@ class HubSpotClient:
             "Content-Type": "application/json",
         }
         ctx = SimpleNamespace(on_sent=on_sent, on_written=on_written)
+        timeout = self._timeout
+        if timeout_s is not None and timeout.total is not None and timeout_s < timeout.total:
+            timeout = aiohttp.ClientTimeout(total=max(timeout_s, 0.001))
         try:
             async with self._session.post(
                 self._complete_url,
                 data=body,
                 headers=headers,
-                timeout=self._timeout,
+                timeout=timeout,
                 trace_request_ctx=ctx,
             ) as resp:
                 text = await resp.text() if resp.status != 204 else ""
