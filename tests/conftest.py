@@ -11,7 +11,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -178,10 +178,14 @@ async def running(cfg: Config, **kw: Any) -> AsyncIterator[Daemon]:
 def daemon_factory(
     db_url: str, fake_hubspot: FakeHubSpot
 ) -> Callable[..., contextlib.AbstractAsyncContextManager[Daemon]]:
-    """running(make_config(...)) with this test's database and fake HubSpot."""
+    """running(make_config(...)) with this test's database and fake HubSpot; `clock` (a
+    ManualClock, say) is the daemon's injected clock."""
 
-    def factory(**sections: dict[str, Any]) -> contextlib.AbstractAsyncContextManager[Daemon]:
-        return running(make_config(db_url, fake_hubspot.base_url, **sections))
+    def factory(
+        *, clock: Callable[[], float] | None = None, **sections: dict[str, Any]
+    ) -> contextlib.AbstractAsyncContextManager[Daemon]:
+        cfg = make_config(db_url, fake_hubspot.base_url, **sections)
+        return running(cfg) if clock is None else running(cfg, clock=clock)
 
     return factory
 
@@ -221,3 +225,40 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None
         if time.monotonic() > deadline:
             raise AssertionError("condition not met within timeout")
         await asyncio.sleep(0.02)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
+    """Poll an async condition (a database query, say); the timeout only catches hangs."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within timeout")
+        await asyncio.sleep(0.02)
+
+
+class ManualClock:
+    """A wall clock (epoch seconds) that stands still until the test moves it.
+
+    Given to serve(clock=...) (and to the fake HubSpot, for its timestamps), it decides when
+    the daemon's limiters, budgets and start times open: nothing that waits for an instant
+    goes before the test has advanced the clock past it, however slow the machine. (The
+    loops still sleep on real timers, computed from this clock: after an advance they notice
+    within their own delay, at most a slot or two.) A send is charged the send margin past
+    its instant, which a standing clock never reaches: a queue that must send twice at one
+    instant needs sender.send_margin_ms = 0. The database keeps its own clock: retry
+    backoffs (not_before <= now()) and block expiry do not follow this one."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward (never back)."""
+        assert seconds >= 0, seconds
+        self.now += seconds
+
+    def advance_to(self, instant: float) -> None:
+        """Move the clock to `instant`, if that is later."""
+        self.now = max(self.now, instant)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import action_payload, wait_for
+from tests.conftest import ManualClock, action_payload, wait_for
 from throttled.drain.budget import Budget
 
 PORTAL = 62515
@@ -99,32 +99,50 @@ def _requests(fake, ids: list[str]) -> list[float]:
     return sorted(r.at for r in fake.received if wanted.intersection(r.callback_ids))
 
 
+async def _one_request_per_step(fake, clock: ManualClock, ids: list[str], n: int) -> None:
+    """Let `n` requests for `ids` go, one per clock step of 1.5 s (past the next slot of a
+    queue sending once a second, and its send margin); the clock stands still after the n-th."""
+    for sent in range(1, n + 1):
+        await wait_for(lambda sent=sent: len(_requests(fake, ids)) >= sent)
+        if sent < n:
+            clock.advance(1.5)
+
+
 async def test_a_queue_waking_from_idle_skips_the_soft_pace(daemon_factory, fake_hubspot):
     # 6 requests per minute: from the 3rd on, a partial request waits >= 10 s for the next.
+    clock = ManualClock()
     budget = {"portal_requests": 6, "portal_interval_seconds": 60}
-    async with daemon_factory(sender=budget) as daemon:
+    async with daemon_factory(sender=budget, clock=clock) as daemon:
         await daemon.connect_portal(fake_hubspot, PORTAL)
         backlog = await _post(daemon, 10, {"maxThroughput": "1", "timeUnit": "seconds"}, 1)
-        await wait_for(lambda: len(_requests(fake_hubspot, backlog)) >= 3, timeout=20)
+        await _one_request_per_step(fake_hubspot, clock, backlog, 3)
+        # The clock now stands still: the soft pace (>= 10 s) never ends, nor does the
+        # backlog's own second. The idle queue's action goes all the same (waiting for the
+        # pace, it would wait for good), and the budget itself held: <= 6 requests in all.
         [fresh] = await _post(daemon, 1, {"maxThroughput": "5", "timeUnit": "seconds"}, 2)
         await wait_for(lambda: fresh in fake_hubspot.completed, timeout=20)
-        backlog_sends = _requests(fake_hubspot, backlog)
-    third = backlog_sends[2]
-    # The idle queue's action did not wait for the pace (the backlog's 4th request, >= 10 s
-    # after its 3rd, had not gone yet), and the budget itself held: <= 6 requests in all.
-    assert fake_hubspot.completed[fresh][0] - third < 5.0
+        assert len(_requests(fake_hubspot, backlog)) == 3
+    assert [r.callback_ids for r in fake_hubspot.received][3] == (fresh,)
     assert len(fake_hubspot.received) <= 6
 
 
 async def test_full_requests_skip_the_soft_pace_but_not_the_budget(daemon_factory, fake_hubspot):
+    clock = ManualClock()
     sender = {"portal_requests": 6, "portal_interval_seconds": 60, "batch_size": 2}
-    async with daemon_factory(sender=sender) as daemon:
+    async with daemon_factory(sender=sender, clock=clock) as daemon:
         await daemon.connect_portal(fake_hubspot, PORTAL)
         ids = await _post(daemon, 16, {"maxThroughput": "2", "timeUnit": "seconds"}, 1)
-        await wait_for(lambda: len(_requests(fake_hubspot, ids)) >= 6, timeout=20)
+        # Every request is full (2 callbacks), so none waits for the soft pace: from the 4th
+        # on, each goes one clock step (1.5 s) after the one before, where a partial request
+        # would wait >= 10 s (and the clock never gets there).
+        await _one_request_per_step(fake_hubspot, clock, ids, 6)
+        # The hard budget stops them at 6: a step later the queue's rate lets its next rows
+        # go (the sender holds them), and the sender's run-once step sends nothing.
+        clock.advance(1.5)
+        portal_sender = daemon.runtime.dispatcher.sender(PORTAL)
+        assert portal_sender is not None
+        await wait_for(lambda: portal_sender.held >= 2)
+        assert not await portal_sender.send_next()
         sends = _requests(fake_hubspot, ids)
-    # Every request is full (2 callbacks), so none waits for the soft pace: the 4th goes about
-    # a second after the 3rd, not >= 10 s later. The hard budget stops them at 6.
     assert all(len(r.callback_ids) == 2 for r in fake_hubspot.received)
-    assert sends[3] - sends[2] < 5.0
     assert len(sends) == 6

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import action_payload
+from tests.conftest import ManualClock, action_payload, eventually, wait_for
 from throttled.db.repository import DatabaseError, NewAction, Repository
 from throttled.hubspot.action import PayloadError, parse
 from throttled.ingest import Ingest
@@ -214,6 +214,15 @@ async def _batches(repo: Repository, callback_ids: list[str]) -> list[list[str]]
     return [list(r["ids"]) for r in records]
 
 
+async def _waiting_on_a_lock(repo: Repository) -> bool:
+    """Whether a statement of this database waits for a lock (the held commit's INSERT)."""
+    waiting = await repo.pool.fetchval(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+        " WHERE NOT l.granted AND a.datname = current_database()"
+    )
+    return bool(waiting)
+
+
 @contextlib.asynccontextmanager
 async def _held_commit(repo: Repository, ingest: Ingest) -> AsyncIterator[asyncio.Task[None]]:
     """A flusher's commit that waits until the block ends: another transaction has inserted
@@ -228,7 +237,7 @@ async def _held_commit(repo: Repository, ingest: Ingest) -> AsyncIterator[asynci
             queue_id,
         )
         held = asyncio.create_task(ingest.submit(_action("a")))
-        await asyncio.sleep(0.2)  # its INSERT is waiting on the lock
+        await eventually(lambda: _waiting_on_a_lock(repo))  # its INSERT waits for the blocker
         yield held
         assert not held.done()
         await tx.commit()
@@ -236,15 +245,20 @@ async def _held_commit(repo: Repository, ingest: Ingest) -> AsyncIterator[asynci
 
 
 async def test_rows_arriving_during_a_commit_wait_for_it_and_go_together(db_url: str) -> None:
+    # The overlap is measured on a clock that stands still: the free flusher may join in
+    # only once the held commit has taken overlap_s by it, which here is never.
+    clock = ManualClock()
     async with Repository.open(db_url, min_size=1, max_size=4) as repo:
-        ingest = Ingest(repo, batch_max=100, max_pending=100, flushers=2, overlap_s=2.0)
+        ingest = Ingest(
+            repo, batch_max=100, max_pending=100, flushers=2, overlap_s=2.0, clock=clock
+        )
         stop = asyncio.Event()
         runner = asyncio.create_task(ingest.run(stop))
         async with _held_commit(repo, ingest):
             b1 = asyncio.create_task(ingest.submit(_action("b1")))
-            await asyncio.sleep(0.2)
+            await wait_for(lambda: ingest.pending == 1 or b1.done())  # b1 first, then b2
             b2 = asyncio.create_task(ingest.submit(_action("b2")))
-            await asyncio.sleep(0.3)
+            await wait_for(lambda: ingest.pending == 2 or b2.done())
             # the free flusher has not started a commit of its own
             assert (b1.done(), b2.done()) == (False, False)
         await asyncio.wait_for(asyncio.gather(b1, b2), timeout=20)
@@ -257,16 +271,24 @@ async def test_rows_arriving_during_a_commit_wait_for_it_and_go_together(db_url:
 async def test_a_slow_commit_holds_the_next_back_no_longer_than_overlap(
     db_url: str, overlap_s: float
 ) -> None:
+    # The overlap is measured on a clock the test moves: a commit beside the held one starts
+    # once the clock has moved overlap_s past the latest commit's start, not before.
+    clock = ManualClock()
     async with Repository.open(db_url, min_size=1, max_size=4) as repo:
-        ingest = Ingest(repo, batch_max=100, max_pending=100, flushers=2, overlap_s=overlap_s)
+        ingest = Ingest(
+            repo, batch_max=100, max_pending=100, flushers=2, overlap_s=overlap_s, clock=clock
+        )
         stop = asyncio.Event()
         runner = asyncio.create_task(ingest.run(stop))
         async with _held_commit(repo, ingest):
             # committed by the other flusher while the first commit is still held
-            b1 = ingest.submit(_action("b1"))
-            await asyncio.wait_for(b1, timeout=20)
-            b2 = ingest.submit(_action("b2"))
-            await asyncio.wait_for(b2, timeout=20)
+            for name in ("b1", "b2"):
+                row = asyncio.create_task(ingest.submit(_action(name)))
+                if overlap_s:
+                    await wait_for(lambda row=row: ingest.pending == 1 or row.done())
+                    assert not row.done()  # held back: the clock has not moved
+                    clock.advance(overlap_s)
+                await asyncio.wait_for(row, timeout=20)
         stop.set()
         await runner
         assert await _batches(repo, ["b1", "b2"]) == [["b1"], ["b2"]]

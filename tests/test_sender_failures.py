@@ -8,9 +8,7 @@ the `actions` rows.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import psycopg
@@ -18,7 +16,9 @@ import pytest
 from psycopg.rows import dict_row
 
 from tests.conftest import action_payload, wait_for
+from throttled.drain.claimer import Claimer
 from throttled.hubspot.fake import FakeHubSpot, Received
+from throttled.queues import QueueState
 
 PORTAL = 62515
 EXPIRED_ERROR = "block expired at HubSpot before it could be sent"
@@ -32,12 +32,9 @@ SENDER = {
     "hold_s": 3600,
 }
 FAST_QUEUE = {"maxThroughput": "100", "timeUnit": "seconds"}
-# Hold intake long enough that actions posted together are committed (and claimed) together.
-ONE_BATCH_INGEST = {"linger_ms": 300, "flushers": 1}
-# Longer than any backoff under SENDER: a resend that should not happen would show by then.
-GRACE_S = 3 * SENDER["backoff_max_s"]
-# Retries here finish well within a second; this only bounds a hang.
-RETRY_WAIT_S = 10.0
+# Retries here finish well within a second; this only bounds a hang (generous: a loaded
+# machine, and bisection takes four rounds of retries).
+RETRY_WAIT_S = 30.0
 
 
 @pytest.fixture
@@ -50,7 +47,7 @@ def db(db_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
 def rows(db: psycopg.Connection[dict[str, Any]], ids: Iterable[str]) -> dict[str, dict[str, Any]]:
     """The actions rows of these callback ids, by callback id."""
     found = db.execute(
-        "SELECT callback_id, state, attempts, failures, last_error, not_before,"
+        "SELECT id, queue_id, callback_id, state, attempts, failures, last_error, not_before,"
         " extract(epoch FROM not_before)::float8 AS not_before_ts"
         " FROM actions WHERE callback_id = ANY(%s)",
         (list(ids),),
@@ -88,11 +85,65 @@ def ids_of(batch: list[dict[str, Any]]) -> list[str]:
     return [p["callbackId"] for p in batch]
 
 
+async def post_in_one_request(
+    daemon: Any, db: psycopg.Connection[dict[str, Any]], batch: list[dict[str, Any]], queue_of: str
+) -> None:
+    """POST actions of one queue (the queue of the stored action `queue_of`) so that they go
+    out in one request: the queue is paused meanwhile (as an operator pauses it, so that no
+    coroutine claims for it, whatever intake re-reads of its row), and once every one is
+    committed, resumed: its first claim takes them all."""
+    steering = daemon.runtime.services.steering
+    queue = await steering.find_queue(str(rows(db, [queue_of])[queue_of]["queue_id"]))
+    await steering.pause("test", queue, True)
+    try:
+        await post_all(daemon, batch)
+    finally:
+        await steering.pause("test", queue, False)
+
+
+async def warm_up(daemon: Any, fake: FakeHubSpot, **kw: Any) -> str:
+    """One action sent and completed: its queue exists (see post_in_one_request)."""
+    action = action_payload(portal_id=PORTAL, input_fields=dict(FAST_QUEUE), **kw)
+    await post_all(daemon, [action])
+    await wait_for(lambda: action["callbackId"] in fake.completed)
+    return str(action["callbackId"])
+
+
+def watch_retries(daemon: Any, seen: Callable[[QueueState, float], None]) -> None:
+    """Call `seen(queue, not_before)` for each retry the result writer has just written,
+    before the daemon is told (so before anything can claim the row again)."""
+    writer = daemon.runtime.dispatcher.writer
+    told = writer.on_retry
+
+    def on_retry(queue: QueueState, at: float) -> None:
+        seen(queue, at)
+        told(queue, at)
+
+    writer.on_retry = on_retry
+
+
+async def claimable(daemon: Any, queue_id: int) -> list[str]:
+    """The callback ids a claim of this queue would get now (the claimer's run-once step, on
+    a claimer of the test's own); any rows it got go straight back to pending."""
+    claimer = Claimer(daemon.runtime.repo)
+    asked = claimer.claim(daemon.runtime.scheduler.queues[queue_id], 1000)
+    await claimer.claim_once()
+    got = asked.result()
+    if got:
+        await daemon.runtime.repo.release([r.id for r in got])
+    return [r.callback_id for r in got]
+
+
+def held_by_daemon(daemon: Any, row_id: int) -> bool:
+    """Whether the daemon still holds the row (in a sender, a request, an unwritten outcome)."""
+    return row_id in daemon.runtime.dispatcher.held_ids()
+
+
 # -- 401 ------------------------------------------------------------------------------------
 
 
 async def test_401_refreshes_the_token_then_completes(daemon_factory, fake_hubspot, db):
-    async with daemon_factory(sender=SENDER, ingest=ONE_BATCH_INGEST) as daemon:
+    async with daemon_factory(sender=SENDER) as daemon:
         await daemon.connect_portal(fake_hubspot, PORTAL)
         [first] = payloads(1)
         await post_all(daemon, [first])
@@ -103,7 +154,7 @@ async def test_401_refreshes_the_token_then_completes(daemon_factory, fake_hubsp
         fake_hubspot.expire_tokens()
         later = payloads(3)
         later_ids = ids_of(later)
-        await post_all(daemon, later)
+        await post_in_one_request(daemon, db, later, queue_of=first["callbackId"])
         await wait_for(
             lambda: all(cid in fake_hubspot.completed for cid in later_ids), RETRY_WAIT_S
         )
@@ -130,37 +181,47 @@ async def test_401_refreshes_the_token_then_completes(daemon_factory, fake_hubsp
 async def test_429_waits_retry_after_then_resends_without_counting(
     daemon_factory, fake_hubspot, db
 ):
-    async with daemon_factory(sender=SENDER, ingest=ONE_BATCH_INGEST) as daemon:
+    retry_after = 0.5
+    written: list[dict[str, dict[str, Any]]] = []  # the rows as the 429's retry left them
+    not_before: list[float] = []
+    async with daemon_factory(sender=SENDER) as daemon:
         await daemon.connect_portal(fake_hubspot, PORTAL)
-        fake_hubspot.fail_next(429, retry_after=0.5)
+        warm = await warm_up(daemon, fake_hubspot)
+        fake_hubspot.fail_next(429, retry_after=retry_after)
         batch = payloads(3)
         ids = ids_of(batch)
-        await post_all(daemon, batch)
 
-        # Between the 429 and the resend (Retry-After: 0.5 s) the rows wait as pending, and
-        # the 429 cost them neither an attempt nor a failure.
-        await wait_for(
-            lambda: all(
-                r["state"] == "pending" and (r["last_error"] or "").startswith("429")
-                for r in rows(db, ids).values()
-            )
-        )
-        assert not any(cid in fake_hubspot.completed for cid in ids)
-        for r in rows(db, ids).values():
-            assert (r["attempts"], r["failures"]) == (0, 0), r
-            assert r["not_before_ts"] > time.time(), r
+        def seen(queue: QueueState, at: float) -> None:
+            # Read at once, synchronously: the loop (and so the daemon) waits meanwhile, so
+            # this is the state between the 429 and the resend, whatever the machine's speed.
+            not_before.append(at)
+            if not written:
+                written.append(rows(db, ids))
 
+        watch_retries(daemon, seen)
+        await post_in_one_request(daemon, db, batch, queue_of=warm)
         await wait_for(lambda: all(cid in fake_hubspot.completed for cid in ids), RETRY_WAIT_S)
         await wait_for(lambda: set(states(db, ids).values()) == {"done"})
 
-    limited, *resent = fake_hubspot.received
+    limited, *resent = fake_hubspot.received[1:]  # (after the warm-up's request)
     assert limited.status == 429
     assert sorted(limited.callback_ids) == sorted(ids)
+    # Between the 429 and the resend the rows waited as pending, claimable only from
+    # Retry-After past the 429, and the 429 cost them neither an attempt nor a failure.
+    [between] = written
+    assert sorted(between) == sorted(ids)
+    assert len(not_before) == len(ids)
+    for r in between.values():
+        assert r["state"] == "pending", r
+        assert (r["last_error"] or "").startswith("429"), r
+        assert (r["attempts"], r["failures"]) == (0, 0), r
+        assert r["not_before_ts"] >= limited.at + retry_after, r
     assert resent, "nothing was resent after the 429"
     assert all(r.status == 204 for r in resent)
     assert sorted(c for r in resent for c in r.callback_ids) == sorted(ids)
-    # Retry-After was honoured (the fake stamps arrivals with the same wall clock).
-    assert min(r.at for r in resent) - limited.at >= 0.5 - 0.01
+    # Retry-After was honoured: nothing went again before the rows' not_before (the fake
+    # stamps arrivals by the wall clock the daemon and the database read too).
+    assert min(r.at for r in resent) >= max(not_before)
     for cid, r in rows(db, ids).items():
         # One attempt: the successful one. The 429 cost no attempt and no failure.
         assert (r["state"], r["attempts"], r["failures"]) == ("done", 1, 0), cid
@@ -173,8 +234,10 @@ async def test_429_waits_retry_after_then_resends_without_counting(
 async def test_5xx_is_retried_with_backoff_then_completed(daemon_factory, fake_hubspot, db):
     # Backoffs long enough to tell apart from the retry path's own latency (tens of ms).
     sender = {**SENDER, "backoff_base_s": 0.2, "backoff_max_s": 1.0}
+    not_before: list[float] = []
     async with daemon_factory(sender=sender) as daemon:
         await daemon.connect_portal(fake_hubspot, PORTAL)
+        watch_retries(daemon, lambda queue, at: not_before.append(at))
         fake_hubspot.fail_next(503, count=2)
         [action] = payloads(1)
         cid = action["callbackId"]
@@ -186,10 +249,16 @@ async def test_5xx_is_retried_with_backoff_then_completed(daemon_factory, fake_h
     assert [r.status for r in sent] == [503, 503, 204]
     assert len(fake_hubspot.received) == 3
     # Exponential backoff with full jitter: failure n waits in [cap_n / 2, cap_n],
-    # cap_n = base * 2 ** (n - 1).
-    gaps = [b.at - a.at for a, b in itertools.pairwise(sent)]
-    assert gaps[0] >= 0.2 / 2 - 0.005, gaps
-    assert gaps[1] >= 0.4 / 2 - 0.005, gaps
+    # cap_n = base * 2 ** (n - 1). Each retry is stored claimable no earlier than that
+    # past its failure (the daemon judged the 503 after the fake stamped it), and the next
+    # attempt did not go before it: order, by the one wall clock the daemon, the database
+    # and the fake read, not a measured gap.
+    assert len(not_before) == 2, not_before
+    for failure, (failed, again, at) in enumerate(
+        zip(sent[:-1], sent[1:], not_before, strict=True), start=1
+    ):
+        assert at - failed.at >= 0.2 * 2 ** (failure - 1) / 2, (failure, at - failed.at)
+        assert again.at >= at, (failure, again.at - at)
     row = rows(db, [cid])[cid]
     assert (row["attempts"], row["failures"], row["last_error"]) == (3, 0, None)
 
@@ -200,19 +269,21 @@ async def test_rows_of_one_failed_request_are_all_resent(daemon_factory, fake_hu
     # row falling due between a short claim and the scheduler's NEXT_NOT_BEFORE query was
     # left pending for good, its queue idle.) Whether a row falls into that window is chance,
     # so: several rounds, each in a queue of its own (new intake re-arms only its own queue).
-    async with daemon_factory(sender=SENDER, ingest=ONE_BATCH_INGEST) as daemon:
+    async with daemon_factory(sender=SENDER) as daemon:
         await daemon.connect_portal(fake_hubspot, PORTAL)
         for round_no in range(6):
+            workflow_id = 70_000 + round_no
+            warm = await warm_up(daemon, fake_hubspot, workflow_id=workflow_id)
             fake_hubspot.fail_next(503)
             batch = [
                 action_payload(
-                    portal_id=PORTAL, workflow_id=70_000 + round_no, input_fields=dict(FAST_QUEUE)
+                    portal_id=PORTAL, workflow_id=workflow_id, input_fields=dict(FAST_QUEUE)
                 )
                 for _ in range(12)
             ]
             ids = ids_of(batch)
             seen = len(fake_hubspot.received)
-            await post_all(daemon, batch)
+            await post_in_one_request(daemon, db, batch, queue_of=warm)
             await wait_for(
                 lambda ids=ids: all(cid in fake_hubspot.completed for cid in ids), RETRY_WAIT_S
             )
@@ -235,14 +306,20 @@ async def test_repeated_5xx_holds_the_action(daemon_factory, fake_hubspot, db):
         assert held["state"] == "pending"
         assert (held["attempts"], held["failures"]) == (3, 3)
         assert held["last_error"].startswith("503"), held["last_error"]
-        wait = held["not_before_ts"] - time.time()
-        assert SENDER["hold_s"] - 60 < wait <= SENDER["hold_s"], wait
+        # Held for hold_s from the third failure (not a backoff of a fraction of a second):
+        # the daemon judged the 503 a moment after the fake stamped it.
+        third = requests_for(fake_hubspot, cid)[2]
+        held_for = held["not_before_ts"] - third.at
+        assert SENDER["hold_s"] <= held_for < SENDER["hold_s"] + 60, held_for
 
-        # The queue still works (the faults are used up), but the held action stays put.
+        # The queue still works (the faults are used up), but the held action stays put: the
+        # probe's claim (all the queue's due rows, oldest first) left it, the daemon holds it
+        # nowhere, and a claim of the queue now (its run-once step) does not get it.
         [probe] = payloads(1)
         await post_all(daemon, [probe])
         await wait_for(lambda: probe["callbackId"] in fake_hubspot.completed)
-        await asyncio.sleep(GRACE_S)
+        assert not held_by_daemon(daemon, held["id"])
+        assert await claimable(daemon, held["queue_id"]) == []
 
         assert [r.status for r in requests_for(fake_hubspot, cid)] == [503, 503, 503]
         assert cid not in fake_hubspot.completed
@@ -259,7 +336,12 @@ async def test_max_attempts_fails_the_action(daemon_factory, fake_hubspot, db):
         cid = action["callbackId"]
         await post_all(daemon, [action])
         await wait_for(lambda: states(db, [cid]) == {cid: "failed"}, RETRY_WAIT_S)
-        await asyncio.sleep(GRACE_S)
+        # Nothing left that could send it again: the daemon holds it nowhere (no sender, no
+        # request under way, no outcome unwritten) and a failed row is never claimed. (The
+        # daemon's graceful stop below settles every request, so the fake's log is complete.)
+        row_id = rows(db, [cid])[cid]["id"]
+        await wait_for(lambda: not held_by_daemon(daemon, row_id))
+        assert await claimable(daemon, rows(db, [cid])[cid]["queue_id"]) == []
 
     assert [r.status for r in requests_for(fake_hubspot, cid)] == [500, 500, 500]
     assert len(fake_hubspot.received) == 3
@@ -281,9 +363,10 @@ async def test_rejected_callback_is_isolated_by_bisection(daemon_factory, fake_h
     bad = ids[2]
     good = [cid for cid in ids if cid != bad]
     fake_hubspot.reject_callbacks({bad})
-    async with daemon_factory(sender=SENDER, ingest=ONE_BATCH_INGEST) as daemon:
+    async with daemon_factory(sender=SENDER) as daemon:
         await daemon.connect_portal(fake_hubspot, PORTAL)
-        await post_all(daemon, batch)
+        warm = await warm_up(daemon, fake_hubspot)
+        await post_in_one_request(daemon, db, batch, queue_of=warm)
         await wait_for(
             lambda: (
                 set(states(db, ids).values()) <= {"done", "failed"}
@@ -301,7 +384,7 @@ async def test_rejected_callback_is_isolated_by_bisection(daemon_factory, fake_h
         assert cid in fake_hubspot.completed
     assert bad not in fake_hubspot.completed
 
-    received = fake_hubspot.received
+    received = fake_hubspot.received[1:]  # (after the warm-up's request)
     # One request with all eight first, refused because of the bad one...
     assert sorted(received[0].callback_ids) == sorted(ids)
     assert received[0].status == 400

@@ -49,6 +49,7 @@ class Ingest:
         linger_s: float = 0.0,
         overlap_s: float = 0.0,
         on_stored: Callable[[set[int], list[QueueRow]], None] = lambda _ids, _changed: None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._repo = repo
         self._batch_max = batch_max
@@ -57,8 +58,9 @@ class Ingest:
         self._linger_s = linger_s
         self._overlap_s = overlap_s
         self._in_flight = 0  # group commits under way
-        self._started = 0.0  # when the latest of them began (loop time)
+        self._started = 0.0  # when the latest of them began (by its clock)
         self._on_stored = on_stored
+        self._clock = clock  # (the overlap's: the loop's time, unless a test's)
         self._items: list[_Item] = []
         self._wake = asyncio.Event()
         self._closed = False
@@ -96,7 +98,7 @@ class Ingest:
     async def _flusher(self, stop: asyncio.Event) -> None:
         # Each flusher keeps one connection between batches, taken again after an outage.
         writer: Repository | None = None
-        loop = asyncio.get_running_loop()
+        clock = self._clock or asyncio.get_running_loop().time
         try:
             while True:
                 if not self._items:
@@ -107,14 +109,14 @@ class Ingest:
                     continue
                 if self._linger_s and len(self._items) < self._batch_max and not self._closed:
                     await asyncio.sleep(self._linger_s)
-                wait = self._join_wait(loop.time())
+                wait = self._join_wait(clock())
                 if wait > 0:
                     await asyncio.sleep(wait)  # (at most overlap_s: 100 ms)
                     continue  # it may have finished, and its flusher taken the rows
                 batch = self._items[: self._batch_max]
                 del self._items[: self._batch_max]
                 self._in_flight += 1
-                self._started = loop.time()
+                self._started = clock()
                 commit = asyncio.ensure_future(self._commit(writer, batch))
                 try:
                     writer = await asyncio.shield(commit)
