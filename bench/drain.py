@@ -120,7 +120,7 @@ def parse_args() -> argparse.Namespace:
         "--loop",
         choices=("asyncio", "uvloop"),
         help="event loop of the bare drainer and of the daemon (server.event_loop); "
-        "default: asyncio for the bare drainer, the daemon's own default (uvloop)",
+        "default: asyncio for the bare drainer, the daemon's own default (asyncio)",
     )
     p.add_argument("--no-bare", action="store_true", help="skip the bare drainer's phase")
     p.add_argument(

@@ -1,4 +1,4 @@
-"""server.event_loop: uvloop (the default) or asyncio's own loop, validated, and what `throttled
+"""server.event_loop: asyncio's own loop (the default) or uvloop, validated, and what `throttled
 serve` really runs on."""
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ def _validated(raw: dict, environ: dict[str, str] | None = None) -> config_modul
     return cfg
 
 
-def test_the_event_loop_is_uvloop_unless_set_to_asyncio():
+def test_the_event_loop_is_asyncio_unless_set_to_uvloop():
     raw = config_mapping("postgresql://u@h/db", "http://127.0.0.1:1")
-    assert _validated(raw).server.event_loop == "uvloop"
-    raw["server"]["event_loop"] = "asyncio"
     assert _validated(raw).server.event_loop == "asyncio"
-    env = {"THROTTLED_SERVER_EVENT_LOOP": "uvloop"}
-    assert _validated(raw, env).server.event_loop == "uvloop"
+    raw["server"]["event_loop"] = "uvloop"
+    assert _validated(raw).server.event_loop == "uvloop"
+    env = {"THROTTLED_SERVER_EVENT_LOOP": "asyncio"}
+    assert _validated(raw, env).server.event_loop == "asyncio"
 
 
 @pytest.mark.parametrize("value", ["trio", "UVLOOP", "", "asyncio "])

@@ -95,7 +95,7 @@ class ServerConfig:
     shutdown_timeout_s: float = _num(30.0, 1, 3600)
     body_timeout_s: float = _num(10.0, 0.1, 300)
     trust_forwarded_for: bool = False  # the client is X-Forwarded-For's last entry
-    event_loop: str = "uvloop"  # the serve's event loop: uvloop, or asyncio (the standard one)
+    event_loop: str = "asyncio"  # the serve's event loop: asyncio (the standard one), or uvloop
 
 
 @dataclass(frozen=True, kw_only=True)
