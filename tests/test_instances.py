@@ -163,6 +163,48 @@ async def test_two_instances_drain_a_shared_backlog_within_every_limit(db_url, f
     assert owned_a | owned_b == set(PORTALS)
 
 
+async def test_a_portal_s_queues_run_only_once_its_take_over_is_over(db_url, fake):
+    """Until a new owner has replayed a portal's rate log and seeded its budget with the
+    previous owner's requests, nothing runs for it: work arriving meanwhile waits, then goes
+    (sent earlier, it would count twice in the budget, or be sent past the queue's rate)."""
+    portal = PORTALS[0]
+    shared = sections(lease_s=30.0)
+    shared["sender"] = {**SENDER, "portal_requests": 50, "portal_interval_seconds": 600}
+    async with running(instance_config(db_url, fake, shared, "one")) as one:
+        await connect(one, fake, [portal])
+        repo = one.runtime.repo
+        reading, gate = asyncio.Event(), asyncio.Event()
+        read_requests = repo.recent_requests
+
+        async def held(*args: Any) -> list[tuple[int, float]]:
+            reading.set()
+            await gate.wait()
+            return await read_requests(*args)
+
+        repo.recent_requests = held  # type: ignore[method-assign]
+        first = action_payload(portal_id=portal, workflow_id=901, input_fields=dict(FIELDS))
+        status, _ = await one.post_action(first)
+        assert status == 200
+        await asyncio.wait_for(reading.wait(), 20)  # the take-over is under way
+        more = [
+            action_payload(portal_id=portal, workflow_id=901 + q, input_fields=dict(FIELDS))
+            for q in range(2)
+        ]
+        for payload in more:
+            status, _ = await one.post_action(payload)  # (stored and notified)
+            assert status == 200
+        assert one.runtime.cluster.owns(portal)
+        assert one.runtime.scheduler.running == frozenset()
+        assert fake.received == []
+        gate.set()
+        ids = [p["callbackId"] for p in [first, *more]]
+        await wait_for(lambda: all(i in fake.completed for i in ids))
+        sender = one.runtime.dispatcher.sender(portal)
+        assert sender is not None
+        assert sender.budget_used == len(fake.received)  # (none counted twice)
+    check_the_wire(fake, [first, *more], once=True)
+
+
 async def test_a_stopping_instance_hands_its_portals_over_at_once(db_url, fake):
     lease_s = 30.0  # a takeover that waited for the lease would come far too late
     shared = sections(lease_s=lease_s)

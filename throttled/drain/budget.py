@@ -51,6 +51,11 @@ class Budget:
         gap = self.interval_s / self.limit * used / (self.limit - used)
         return max(now, self._last_sent + gap)  # (the pace is between sends)
 
+    def used(self, now: float) -> int:
+        """Requests the budget counts at `now`: answered within the interval, or in flight."""
+        self.hard_earliest(now)  # (forgets those answered before the interval)
+        return len(self._log) + len(self._open)
+
     def spend(self, at: float) -> None:
         """A request goes at `at`: it holds a place until settled."""
         self._open.append(at)

@@ -126,8 +126,7 @@ class Dispatcher:
         if sender is None:
             self._seeds.setdefault(portal_id, []).extend(at)
             return
-        for t in at:
-            sender._budget.settle(t, t)  # (an answered request, at its instant)
+        sender.seed(at)
 
     def expire(self, rows: list[ClaimedAction]) -> None:
         """Rows whose block expired while claimed: never sent."""

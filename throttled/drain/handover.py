@@ -72,6 +72,8 @@ class Handover:
         self._rescan: set[int] = set()  # owned portals whose queues with work to look at again
         self._rescan_wake = asyncio.Event()
         self._unfinished: dict[int, str | None] = {}  # portal -> previous owner, take-over failed
+        self._taking: set[int] = set()  # portals whose take-over is under way: nothing runs yet
+        self._deferred: set[int] = set()  # queues that gained work meanwhile
         self._owed: dict[int, int] = {}  # queue -> rows recovered, not yet counted as sent
         self._recover_all = True  # the first take-over resets every portal's claimed rows
 
@@ -82,6 +84,14 @@ class Handover:
         if not queue.paused and not self._cluster.owns(queue.portal_id):
             self._elsewhere.setdefault(queue.portal_id, set()).add(queue.id)
             self._route_wake.set()
+
+    def defer(self, queue: QueueState) -> bool:
+        """Whether a queue that gains work must wait: its portal's take-over is under way
+        (its rate log not replayed, its budget not seeded yet); it runs once that is over."""
+        if queue.portal_id not in self._taking:
+            return False
+        self._deferred.add(queue.id)
+        return True
 
     def on_work(self, queue_ids: list[int], portals: set[int]) -> None:
         """Another instance stored work for portals this one owns (Cluster.on_work): these
@@ -154,8 +164,16 @@ class Handover:
         this process holds), counted as sent now; load their queues with work, with their rate
         log; seed their budget with the previous owner's recent requests; and run them.
         Idempotent (the cluster calls it again if it raised)."""
-        sup = self._sup
         ids = sorted(portals)
+        self._taking.update(ids)
+        try:
+            await self._take_over(ids, previous)
+        finally:
+            self._taking.difference_update(ids)
+            self._run_deferred(set(ids))
+
+    async def _take_over(self, ids: list[int], previous: Mapping[int, str | None]) -> None:
+        sup = self._sup
         for p in ids:
             self._unfinished.setdefault(p, previous.get(p))  # (a retry keeps the first's)
         before = {p: self._unfinished[p] for p in ids}
@@ -177,6 +195,7 @@ class Handover:
         reclaimed = self._charge_owed(now)
         for portal_id, instants in requests.items():
             self._dispatcher.seed_budget(portal_id, instants)
+        self._taking.difference_update(ids)
         for queue in queues:
             sup.kick(queue, held=True)
         for p in ids:
@@ -189,6 +208,28 @@ class Handover:
             reclaimed=reclaimed,
             seeded_requests=sum(len(v) for v in requests.values()),
         )
+
+    def _run_deferred(self, portals: set[int]) -> None:
+        """The queues of these portals that gained work during their take-over: run here
+        (or routed to the owner, if the take-over failed), loaded first if forgotten."""
+        sup = self._sup
+        waiting = [
+            queue_id
+            for queue_id in self._deferred
+            if (queue := sup.queues.get(queue_id)) is None or queue.portal_id in portals
+        ]
+        if not waiting:
+            return
+        self._deferred.difference_update(waiting)
+        unknown = []
+        for queue_id in waiting:
+            queue = sup.queues.get(queue_id)
+            if queue is None:
+                unknown.append(queue_id)
+            else:
+                sup.kick(queue, urgent=True, held=True)
+                self.note(queue)
+        sup.notify(unknown)
 
     async def let_go(self, portals: set[int]) -> None:
         """Portals this instance no longer owns: their coroutines end, the rows their senders

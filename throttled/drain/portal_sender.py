@@ -104,6 +104,17 @@ class PortalSender:
             len(b.rows) for _, b in self._urgent
         )
 
+    @property
+    def budget_used(self) -> int:
+        """Requests for this portal its budget counts now (see Budget.used)."""
+        return self._budget.used(self._d.clock())
+
+    def seed(self, answered: Iterable[float]) -> None:
+        """Requests sent by another instance, answered at these instants (this clock's):
+        they count in the budget as if sent here."""
+        for at in answered:
+            self._budget.settle(at, at)
+
     def held_ids(self) -> Iterator[int]:
         """The rows held here or in a request under way."""
         for batch in [b for _, _, b in self._heap] + [b for _, b in self._urgent]:

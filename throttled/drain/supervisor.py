@@ -193,6 +193,8 @@ class Supervisor:
             return
         if queue.paused or self.stopped.done() or not self.owns(queue.portal_id):
             return
+        if self.handover is not None and self.handover.defer(queue):
+            return
         signals = self._signals[queue.id] = Signals(urgent=urgent, held=held)
         if self._group is not None:  # (else run() spawns it)
             self._spawn(queue, signals)
