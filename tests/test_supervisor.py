@@ -214,3 +214,28 @@ async def test_a_queue_held_by_its_policy_has_no_coroutine(daemon_factory, db_ur
         await wait_for(lambda: queue_id not in supervisor.running)
         assert states(db_url, queue_id) == {"pending": 1}
         assert not daemon.task.done()
+
+
+async def test_a_queue_that_cannot_be_loaded_does_not_hold_up_the_others(
+    daemon_factory, fake_hubspot, db_url
+):
+    # An id the database rejects (beyond bigint: a DataError, not an outage) notified
+    # together with queues written behind the daemon's back: they load and drain all the
+    # same; the bad one is tried a few times (after the loader's backoff), then given up.
+    policy = rates.RatePolicy(limit=50, period_s=1.0)
+    async with daemon_factory() as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        supervisor = daemon.runtime.scheduler
+        # (the portal is taken up first: its take-over loads its queues itself)
+        [first] = await enqueue(daemon, 1, {"maxThroughput": "50", "timeUnit": "seconds"})
+        await wait_for(lambda: first in fake_hubspot.completed)
+        queue_ids = add_backlog(db_url, queues=3, per_queue=4, policy=policy)
+        bad = 10**20
+        supervisor.notify([bad, *queue_ids])
+        await wait_for(lambda: all(states(db_url, q) == {"done": 4} for q in queue_ids))
+        await wait_for(
+            lambda: bad not in supervisor._unknown and bad not in supervisor._load_failures,
+            timeout=60,
+        )
+        assert bad not in supervisor.queues
+        assert not daemon.task.done()

@@ -28,7 +28,13 @@ import structlog
 
 from throttled import rates
 from throttled.aio import Outage, wait_event
-from throttled.db.repository import ClaimedAction, DatabaseError, QueueRow, Repository
+from throttled.db.repository import (
+    ClaimedAction,
+    DatabaseError,
+    DatabaseUnavailable,
+    QueueRow,
+    Repository,
+)
 from throttled.drain.claimer import Claimer
 from throttled.drain.dispatcher import Dispatcher
 from throttled.drain.handover import Handover, Leases
@@ -40,6 +46,7 @@ from throttled.queues import QueueLimiter, QueueState, safe_policy
 log = structlog.get_logger(__name__)
 
 NEW_QUEUE_SLACK_S = 5.0  # a database clock running ahead of ours
+MAX_LOAD_ATTEMPTS = 5  # a queue that cannot be loaded, tried this many times in a row
 
 
 def _everywhere(portal_id: int) -> bool:
@@ -76,6 +83,7 @@ class Supervisor:
         self._group: asyncio.TaskGroup | None = None
         self.stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._unknown: set[int] = set()  # queue ids to load (and replay) before they run
+        self._load_failures: dict[int, int] = {}  # queue id -> loads that failed in a row
         self._load_wake = asyncio.Event()
         self._started_at = clock()
         self.handover = None if cluster is None else Handover(self, cluster, repo, dispatcher)
@@ -323,6 +331,46 @@ class Supervisor:
         ids, self._unknown = self._unknown, set()
         if not ids:
             return
+        try:
+            await self._load_queues(ids)
+        except DatabaseUnavailable:
+            self._unknown |= ids  # (asked again once the database answers)
+            raise
+        except DatabaseError as exc:
+            if len(ids) == 1:
+                self._load_failed(ids, exc)
+                raise
+            # One of them may not load (a statement error, not an outage): load them one by
+            # one, so that it alone waits and the others run.
+            failed: DatabaseError | None = None
+            order = sorted(ids)
+            for n, queue_id in enumerate(order):
+                try:
+                    await self._load_queues({queue_id})
+                except DatabaseUnavailable:
+                    self._unknown.update(order[n:])
+                    raise
+                except DatabaseError as one:
+                    self._load_failed({queue_id}, one)
+                    failed = one
+            if failed is not None:
+                raise failed from None
+        for queue_id in ids:
+            self._load_failures.pop(queue_id, None)
+
+    def _load_failed(self, ids: set[int], exc: DatabaseError) -> None:
+        """Queues that could not be loaded: asked again (after the loader's backoff), up to
+        MAX_LOAD_ATTEMPTS times; then given up (the rescan of their portal's queues with
+        work, every lease_s, brings them back)."""
+        for queue_id in ids:
+            n = self._load_failures[queue_id] = self._load_failures.get(queue_id, 0) + 1
+            if n < MAX_LOAD_ATTEMPTS:
+                self._unknown.add(queue_id)
+            else:
+                del self._load_failures[queue_id]
+                log.error("queue_load_abandoned", queue_id=queue_id, attempts=n, error=str(exc))
+
+    async def _load_queues(self, ids: set[int]) -> None:
         now = self.clock()
         fresh: list[QueueState] = []
         try:
@@ -331,11 +379,9 @@ class Supervisor:
             if fresh:
                 await self.replay(fresh, now)
         except DatabaseError:
-            # Asked again once the database answers. A queue whose rate log is not replayed
-            # yet must not claim: it is forgotten until then.
+            # A queue whose rate log is not replayed yet must not claim: it is forgotten.
             for queue in fresh:
                 self.queues.pop(queue.id, None)
-            self._unknown |= ids
             raise
         for row in rows:
             queue = self.queues[row.id]
