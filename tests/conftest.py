@@ -75,15 +75,33 @@ def db_url(pg_server_url: str, template_db: str) -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-async def fake_hubspot() -> AsyncIterator[FakeHubSpot]:
-    """A fake HubSpot on loopback."""
-    fake = FakeHubSpot(client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
+@contextlib.asynccontextmanager
+async def serving_fake(**options: Any) -> AsyncIterator[FakeHubSpot]:
+    """A fake HubSpot on loopback that knows this suite's app; `options` go to FakeHubSpot."""
+    fake = FakeHubSpot(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, **options)
     await fake.start()
     try:
         yield fake
     finally:
         await fake.close()
+
+
+@pytest.fixture
+async def fake_hubspot() -> AsyncIterator[FakeHubSpot]:
+    """A fake HubSpot on loopback."""
+    async with serving_fake() as fake:
+        yield fake
+
+
+PORTAL_BUDGET = 4  # requests per portal per second that budgeted_hubspot answers (then 429)
+
+
+@pytest.fixture
+async def budgeted_hubspot() -> AsyncIterator[FakeHubSpot]:
+    """A fake HubSpot on loopback that answers 429 to a portal's requests past PORTAL_BUDGET
+    a second, as HubSpot does past a portal's API budget (tests/test_instances*.py)."""
+    async with serving_fake(portal_budget=(PORTAL_BUDGET, 1)) as fake:
+        yield fake
 
 
 def config_mapping(

@@ -786,3 +786,30 @@ def test_move_redates_sends_and_keeps_the_window() -> None:
     limiter.record(12.0, 1)
     limiter.move(12.0, 12.2, 5)  # more than recorded there: all of it moves, never lost
     assert limiter.window_count(12.2) == 5
+
+
+@FAST
+@given(
+    policy=policies,
+    start=starts,
+    plan=steps,
+    later=st.floats(0, 3),
+    horizon=st.floats(0, 8),
+    max_n=st.sampled_from([1, 7, 1000]),
+)
+def test_count_within_is_what_plan_places(
+    policy: RatePolicy,
+    start: float,
+    plan: list[tuple[float, int]],
+    later: float,
+    horizon: float,
+    max_n: int,
+) -> None:
+    """count_within (a claim's size, without plan's simulation) counts the sends plan() would
+    place: the same figure, give or take one at a window's float edge."""
+    limiter = Limiter(policy)
+    sends = drive(limiter, start, plan)
+    at = (sends[-1] if sends else start) + later * policy.period_s
+    span = horizon * policy.period_s
+    planned = len(limiter.plan(at, span, max_n))
+    assert abs(limiter.count_within(at, span, max_n) - planned) <= 1

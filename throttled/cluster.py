@@ -24,6 +24,11 @@ are acquired there and then, and the owners of the others are told in one notifi
 (queue ids grouped by portal), which their listener hands to `on_work` (queue ids of portals
 it owns, and portals to look at in full when the notification had no room for their queues).
 
+An instance that loses the database stops starting requests at once (suspend(): its
+listening connection was closed, a heartbeat or a result write found the database gone), not
+only once its leases lapse here: what it sends then could not be recorded, and the next owner
+would send it again. The next heartbeat that renews the leases resumes sending.
+
 An instance that dies leaves its leases to expire. At a start, the leases of instances on the
 same host (named hostname:pid, the default) whose process no longer exists end at once: a
 restart after a crash takes its portals back without waiting out lease_s. (Instances that share
@@ -125,6 +130,7 @@ class Cluster:
         self._lock = asyncio.Lock()  # one change of the leases at a time
         self._wake = asyncio.Event()  # another instance announced something
         self._halted = asyncio.Event()  # stop() was called
+        self._suspended = False  # the database was lost: no request starts (see suspend)
 
     # -- what the scheduler asks ------------------------------------------------------------
 
@@ -145,9 +151,23 @@ class Cluster:
         then, answered or abandoned (see PortalSender)."""
         now = self._clock()
         until = self._until.get(portal_id, -math.inf)
-        if until <= now:
+        if until <= now or self._suspended:
             return 0.0
         return max(0.0, until + self.margin_s - SEND_SLACK_S - now)
+
+    @property
+    def suspended(self) -> bool:
+        """Whether sending is suspended (the database was lost, the leases not renewed since)."""
+        return self._suspended
+
+    def suspend(self, why: str) -> None:
+        """The database was lost: start no request (lease_left is 0) until a heartbeat renews
+        the leases, and run one at once. A request answered now could not be recorded, and the
+        next owner, once the leases expire, would send its rows again."""
+        if not self._suspended:
+            self._suspended = True
+            log.warning("cluster_sending_suspended", instance=self.id, reason=why)
+        self._wake.set()
 
     def fair_share(self, extra: int = 0) -> int:
         """Portals with work or leased (and `extra` more) per live instance, rounded up. (The
@@ -348,7 +368,13 @@ class Cluster:
                     if not self._halted.is_set():
                         await self._tick()
                 outage.over()
+                if self._suspended:
+                    self._suspended = False
+                    log.info("cluster_sending_resumed", instance=self.id)
             except DatabaseError as exc:  # (the next try is at a lease's local end, if sooner)
+                if isinstance(exc, DatabaseUnavailable):
+                    self.suspend("heartbeat failed")
+                    self._wake.clear()  # (the outage's backoff, not at once)
                 delay = min(outage.failed(exc, instance=self.id), self.interval_s)
             await wait_event(self._wake, self._wait(delay), stop, self._halted)
 
@@ -471,20 +497,30 @@ class Cluster:
     async def _listening(self, stop: asyncio.Event, outage: Outage) -> None:
         with translate_errors():
             conn = await self._repo.pool.acquire()
+        lost = asyncio.Event()
+
+        def terminated(_conn: Any) -> None:
+            lost.set()
+            if not (stop.is_set() or self._halted.is_set()):
+                self.suspend("the listening connection was lost")
+
         try:
             with translate_errors():
+                conn.add_termination_listener(terminated)
                 await conn.add_listener(CHANNEL, self._received)
             try:
                 outage.over()
                 self._wake.set()  # (what was announced while nobody listened)
                 while not (stop.is_set() or self._halted.is_set()):
-                    if _closed(conn):
+                    if lost.is_set() or _closed(conn):
                         raise DatabaseUnavailable("the listening connection was lost")
-                    await wait_event(self._halted, self.interval_s, stop)
+                    await wait_event(self._halted, self.interval_s, stop, lost)
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.remove_listener(CHANNEL, self._received), 2.0)
         finally:
+            with contextlib.suppress(Exception):
+                conn.remove_termination_listener(terminated)
             with contextlib.suppress(Exception):
                 await self._repo.pool.release(conn)
 

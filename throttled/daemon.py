@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import sys
@@ -274,6 +275,7 @@ async def _assemble(
     cluster.on_gained = scheduler.handover.take_over
     cluster.on_lost = scheduler.handover.let_go
     cluster.on_work = scheduler.handover.on_work
+    dispatcher.writer.on_unavailable = functools.partial(cluster.suspend, "a result write failed")
     _tune_gc()
     configs = await repo.action_configs()
     intake = Intake(

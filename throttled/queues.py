@@ -64,6 +64,15 @@ class QueueLimiter(rates.Limiter):
                 self._failed("plan", at, exc)
         return []
 
+    def count_within(self, at: float, horizon_s: float, max_n: int) -> int:
+        """As Limiter.count_within; 0 while held."""
+        if self.fault is None:
+            try:
+                return super().count_within(at, horizon_s, max_n)
+            except Exception as exc:
+                self._failed("count_within", at, exc)
+        return 0
+
     def backlog_eta(self, at: float, backlog: int) -> float:
         """As Limiter.backlog_eta; never (inf) while held."""
         if self.fault is None:

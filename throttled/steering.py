@@ -237,13 +237,32 @@ class Steering:
                         None,
                         {"released": released, "complete_as": "FAIL_CONTINUE"},
                     )
-                    self._own(await tx.announce({"queues": [queue.id]}))
+                    # (the queue's owner, if another instance, takes back what its sender
+                    # holds too: see apply)
+                    announced = {"queues": [queue.id], "fail_held": [queue.id]}
+                    self._own(await tx.announce(announced))
             except BaseException:
                 if self.scheduler is not None:
                     self.scheduler.put_back(queue.id, held)
                 raise
             await self._refresh([queue.id])
         return released
+
+    async def _fail_held(self, queue_ids: list[int]) -> None:
+        """Another instance failed these queues' pending rows: the rows this one's senders
+        hold for them (claimed ahead, unsent) join the release."""
+        if self.scheduler is None:
+            return
+        async with self.lock:
+            for queue_id in queue_ids:
+                held = self.scheduler.recall(queue_id)
+                if not held:
+                    continue
+                try:
+                    await self.repo.release_claimed([r.id for r in held])
+                except BaseException:
+                    self.scheduler.put_back(queue_id, held)
+                    raise
 
     # -- taking up changes ------------------------------------------------------------------
 
@@ -255,6 +274,9 @@ class Steering:
         for pair in _pairs(change.get("configs")):
             stored = await self.repo.get_action_config(*pair)
             self.intake.set_config(*pair, None if stored is None else readable_config(stored))
+        failed = change.get("fail_held")
+        if isinstance(failed, list):
+            await self._fail_held([i for i in failed[:10_000] if type(i) is int])
         ids = change.get("queues")
         if isinstance(ids, list):
             await self._refresh([i for i in ids[:10_000] if type(i) is int])

@@ -144,12 +144,15 @@ RETURNING q.id
 
 # -- results --------------------------------------------------------------------------------
 
+# HubSpot completed these: done, even if meanwhile put back to pending (an outage kept the
+# answer from being written before the portal's next owner reset its claimed rows: written
+# now, it keeps them from being sent again).
 MARK_DONE = f"""
 UPDATE actions a
 SET state = 'done', completed_at = now(), sent_at = x.sent_at, last_error = NULL,
     attempts = {_next("a.attempts")}, failures = 0
 FROM unnest($1::bigint[], $2::timestamptz[]) AS x(id, sent_at)
-WHERE a.id = x.id AND a.state = 'claimed'
+WHERE a.id = x.id AND a.state IN ('claimed', 'pending')
 """
 
 MARK_RETRY = f"""

@@ -1,8 +1,11 @@
 """What a portal's completion requests are charged to their queues' limiters, and when.
 
 A request is charged when it is built (at its instant + the send margin), then moved to the
-instant its bytes go to the socket (on_sent) and, after a pause between that instant and the
-write, past the write (on_written): the rate log keeps the instant it went out. Until a
+instant its bytes go to the socket + the margin (on_sent) and, after a pause between that
+instant and the write, past the write (on_written): the rate log keeps the instant it went
+out. A move costs a log update per queue of the request, so a request written within a slack
+of its charge (half the margin, 1 ms at most: the microseconds between building a request and
+writing it) keeps it: at least half the margin is always left for delivery jitter. Until a
 request is written, its queues get no other request: one built meanwhile (its charge an
 instant that a late write overtakes) could otherwise go out within a window of this one.
 """
@@ -15,6 +18,7 @@ from throttled.db.repository import ClaimedAction
 from throttled.queues import QueueState
 
 RECHECK_S = 0.005  # how often the sender looks again at a queue waiting for a write
+MAX_SLACK_S = 0.001  # a charge is moved only when its write is later than this past it
 
 
 class Charges:
@@ -25,8 +29,13 @@ class Charges:
     ) -> None:
         self._clock = clock
         self._margin_s = margin_s
+        self._slack_s = min(MAX_SLACK_S, margin_s / 2)
         self._on_written = on_written  # (the sender looks again at the queues it held back)
         self._unwritten: dict[int, int] = {}  # queue id -> its requests not written yet
+
+    def charge(self, built_at: float) -> float:
+        """The instant a request built at `built_at` is charged to its queues' limiters."""
+        return built_at + self._margin_s
 
     def waiting(self, queue_id: int) -> bool:
         """Whether a request of this queue is built but not yet written."""
@@ -51,22 +60,19 @@ class Charges:
             self._on_written()
 
     def redate(
-        self,
-        rows: Sequence[tuple[QueueState, ClaimedAction]],
-        charged: float,
-        *,
-        margin: float | None = None,
+        self, rows: Sequence[tuple[QueueState, ClaimedAction]], charged: float, *, margin: float
     ) -> float:
-        """Move the limiters' charge from `charged` (+ the send margin) to now + `margin`,
-        if that is later; return the charged instant, which is also what the rate log keeps."""
-        old = charged + self._margin_s
-        new = self._clock() + (self._margin_s if margin is None else margin)
-        if new > old:
+        """The request's bytes go out now: move the limiters' charge from `charged` to now +
+        `margin`, if that is later by more than the slack; return the charged instant, which
+        is also what the rate log keeps."""
+        new = self._clock() + margin
+        if new > charged + self._slack_s:
             counts: dict[int, int] = {}
             queues: dict[int, QueueState] = {}
             for queue, _ in rows:
                 counts[queue.id] = counts.get(queue.id, 0) + 1
                 queues[queue.id] = queue
             for queue_id, n in counts.items():
-                queues[queue_id].limiter.move(old, new, n)
-        return max(old, new)
+                queues[queue_id].limiter.move(charged, new, n)
+            return new
+        return charged

@@ -303,7 +303,7 @@ class PortalSender:
         group: int | None = None
         state: str | None = None  # one completion state per request
         skipped: list[tuple[float, _Batch]] = []
-        margin = self._d.margin_s
+        charge = self._charges.charge(at)
         if self._urgent:  # rows of queues waking from idle go first, then the rest by due time
             urgent = [(due, b) for due, b in self._urgent if due <= at]
             self._urgent = [(due, b) for due, b in self._urgent if due > at]
@@ -329,7 +329,7 @@ class PortalSender:
                 taken.append((queue, batch.rows.popleft()))
             if n:
                 # Charged a little late: a safety margin for delivery jitter on the way out.
-                queue.limiter.record(at + margin, n)
+                queue.limiter.record(charge, n)
                 room -= n
                 metrics.SCHEDULER_LAG.observe(at - batch.due)
             queue.sent += n
@@ -377,16 +377,16 @@ class PortalSender:
         d = self._d
         state = rows[0][0].complete_as or "SUCCESS"  # (_fill puts one state in a request)
         body = d.client.completion_body([r.callback_id for _, r in rows], state)
-        sent = [at + d.margin_s]  # the instant charged to the limiters, and stored
+        sent = [self._charges.charge(at)]  # the instant charged to the limiters, and stored
 
         def on_sent() -> None:
-            sent[0] = self._charges.redate(rows, at)
+            sent[0] = self._charges.redate(rows, sent[0], margin=d.margin_s)
             self._charges.written(unwritten)
 
         def on_written() -> None:
             # Normally well within the margin; after a pause (a garbage collection between
             # the first instant and the write) the charge moves to an instant past the write.
-            sent[0] = self._charges.redate(rows, sent[0] - d.margin_s, margin=0.0)
+            sent[0] = self._charges.redate(rows, sent[0], margin=0.0)
 
         started = time.monotonic()
         # A request is over before its portal's lease can expire in the database (abandoned

@@ -55,7 +55,7 @@ class Drain(Protocol):
 
 def wanted(queue: QueueState, slot: float, horizon_s: float) -> int:
     """Rows for the slots within the claim horizon (fewer, larger claims)."""
-    return max(1, len(queue.limiter.plan(slot, horizon_s + 1e-9, MAX_CLAIM_ROWS)))
+    return max(1, queue.limiter.count_within(slot, horizon_s + 1e-9, MAX_CLAIM_ROWS))
 
 
 class _Handover:

@@ -7,13 +7,17 @@ import asyncio
 from collections.abc import Callable, Sequence
 
 from throttled.aio import Outage, wait_event
-from throttled.db.repository import DatabaseError, Repository
+from throttled.db.repository import DatabaseError, DatabaseUnavailable, Repository
 from throttled.drain.outcomes import Outcome, shielded, utc
 from throttled.queues import QueueState
 
 
 def _ignore(queue: QueueState, at: float) -> None:
     """No one to tell (a writer on its own, in a test)."""
+
+
+def _nothing() -> None:
+    """No one to tell."""
 
 
 class ResultWriter:
@@ -23,6 +27,8 @@ class ResultWriter:
         self._repo = repo
         # Told of each retry once it is written (the supervisor wakes the row's queue then).
         self.on_retry: Callable[[QueueState, float], None] = _ignore
+        # Told when a write finds the database unreachable (the cluster stops sending then).
+        self.on_unavailable: Callable[[], None] = _nothing
         self._interval_s = interval_s
         self._pending: list[Outcome] = []
         self._writing: Sequence[Outcome] = ()  # taken by the write under way
@@ -54,6 +60,8 @@ class ResultWriter:
             try:
                 await shielded(self.flush())
             except DatabaseError as exc:
+                if isinstance(exc, DatabaseUnavailable):
+                    self.on_unavailable()
                 await wait_event(stop, outage.failed(exc, outcomes=len(self._pending)))
                 continue
             outage.over()

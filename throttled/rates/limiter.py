@@ -26,6 +26,12 @@ _MAX_PLAN_STEPS = 64  # plan(): extra steps allowed beyond one per send (never e
 # --- limiter ------------------------------------------------------------------------------
 
 
+def _steps(span: float, step: float) -> int:
+    """Instants a, a + step, a + 2 step, ... before a + span (an instant within float noise
+    of the end counts as at it: out, as plan()'s nudged instants are)."""
+    return 0 if span <= 0 else max(1, math.ceil(span / step - 1e-9))
+
+
 class Limiter:
     """Exact-rate guard for one queue: at most N sends in every window (t - T, t]."""
 
@@ -128,6 +134,31 @@ class Limiter:
             out.extend([t] * k)
             sim.record(t, k)
         return out
+
+    def count_within(self, at: float, horizon_s: float, max_n: int) -> int:
+        """How many sends plan() would place in [at, at + horizon_s) (up to max_n), without
+        its simulation when no schedule restricts the queue: each unit of the window's room
+        (free at the earliest send, or once a logged send leaves the window) is used again one
+        period later. Exact but for float nudges at a window's edge (a claim's size, not a
+        limit: the limiter still decides every send)."""
+        if self._schedule is not None:
+            return len(self.plan(at, horizon_s, max_n))
+        first = self.earliest(at)
+        end = at + horizon_s
+        if first >= end or max_n <= 0:
+            return 0
+        if self._even:
+            return min(max_n, _steps(end - first, self._gap))
+        period = self._period
+        count = (self._limit - self.window_count(first)) * _steps(end - first, period)
+        cutoff = first - period
+        for e, n in self._log:
+            if count >= max_n:
+                break
+            free = e + period  # (this entry's sends leave the window, their room reused)
+            if e > cutoff and free < end:
+                count += n * _steps(end - free, period)
+        return min(max_n, count)
 
     def backlog_eta(self, at: float, backlog: int) -> float:
         """Estimated instant a backlog is fully sent, counting schedule gaps approximately."""
