@@ -78,7 +78,9 @@ class NewAction:
     rate_inputs: dict[str, Any] | None = None  # the rate fields the policy was resolved from
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+# Not frozen: one is built per claimed row, and a frozen __init__ costs 1.5 us more. Never
+# mutated (hashable by its fields, as a frozen one would be).
+@dataclass(kw_only=True, slots=True, unsafe_hash=True)
 class ClaimedAction:
     """A row reserved by this process for sending."""
 

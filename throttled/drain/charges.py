@@ -1,13 +1,13 @@
 """What a portal's completion requests are charged to their queues' limiters, and when.
 
-A request is charged when it is built (at its instant + the send margin), then moved to the
-instant its bytes go to the socket + the margin (on_sent) and, after a pause between that
-instant and the write, past the write (on_written): the rate log keeps the instant it went
-out. A move costs a log update per queue of the request, so a request written within a slack
-of its charge (half the margin, 1 ms at most: the microseconds between building a request and
-writing it) keeps it: at least half the margin is always left for delivery jitter. Until a
-request is written, its queues get no other request: one built meanwhile (its charge an
-instant that a late write overtakes) could otherwise go out within a window of this one.
+A request is charged when it is built (at its instant + the send margin + how late requests
+have been written lately), then moved to the instant its bytes go to the socket + the margin
+(on_sent) if that is later, and, after a pause between that instant and the write, past the
+write (on_written): the rate log keeps the instant it went out. A move costs a log update per
+queue of the request; a request is written a few milliseconds after it is built when the loop
+is busy, so the charge allows for that (a recent high of the delay, decaying, MAX_LATE_S at
+most) and a move is the exception. (A later charge only delays the queue's next send by as
+much: never a send sooner than its rate allows.)
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from throttled.db.repository import ClaimedAction
 from throttled.queues import QueueState
 
 RECHECK_S = 0.005  # how often the sender looks again at a queue waiting for a write
-MAX_SLACK_S = 0.001  # a charge is moved only when its write is later than this past it
+MAX_LATE_S = 0.02  # the allowance for a request's write after its build, at most
+LATE_DECAY = 0.98  # per request: the allowance comes down as writes come sooner again
 
 
 class Charges:
@@ -29,13 +30,22 @@ class Charges:
     ) -> None:
         self._clock = clock
         self._margin_s = margin_s
-        self._slack_s = min(MAX_SLACK_S, margin_s / 2)
+        self._late_s = 0.0  # a recent high of the delay from a request's build to its write
         self._on_written = on_written  # (the sender looks again at the queues it held back)
         self._unwritten: dict[int, int] = {}  # queue id -> its requests not written yet
 
     def charge(self, built_at: float) -> float:
         """The instant a request built at `built_at` is charged to its queues' limiters."""
-        return built_at + self._margin_s
+        return built_at + self._margin_s + self._late_s
+
+    def sent(
+        self, rows: Sequence[tuple[QueueState, ClaimedAction]], built_at: float, charged: float
+    ) -> float:
+        """The request built at `built_at` is being written now: learn how late, and move the
+        charge if the write is later than it allowed (see redate)."""
+        late = self._clock() - built_at
+        self._late_s = min(MAX_LATE_S, max(late, self._late_s * LATE_DECAY))
+        return self.redate(rows, charged, margin=self._margin_s)
 
     def waiting(self, queue_id: int) -> bool:
         """Whether a request of this queue is built but not yet written."""
@@ -63,10 +73,10 @@ class Charges:
         self, rows: Sequence[tuple[QueueState, ClaimedAction]], charged: float, *, margin: float
     ) -> float:
         """The request's bytes go out now: move the limiters' charge from `charged` to now +
-        `margin`, if that is later by more than the slack; return the charged instant, which
-        is also what the rate log keeps."""
+        `margin`, if that is later; return the charged instant, which is also what the rate
+        log keeps."""
         new = self._clock() + margin
-        if new > charged + self._slack_s:
+        if new > charged:
             counts: dict[int, int] = {}
             queues: dict[int, QueueState] = {}
             for queue, _ in rows:

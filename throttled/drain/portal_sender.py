@@ -380,7 +380,7 @@ class PortalSender:
         sent = [self._charges.charge(at)]  # the instant charged to the limiters, and stored
 
         def on_sent() -> None:
-            sent[0] = self._charges.redate(rows, sent[0], margin=d.margin_s)
+            sent[0] = self._charges.sent(rows, at, sent[0])
             self._charges.written(unwritten)
 
         def on_written() -> None:
