@@ -789,6 +789,29 @@ def test_move_redates_sends_and_keeps_the_window() -> None:
 
 
 @FAST
+@given(policy=policies, start=starts, plan=steps, delay=st.floats(0, 2))
+def test_moving_the_latest_sends_is_recording_them_later(
+    policy: RatePolicy, start: float, plan: list[tuple[float, int]], delay: float
+) -> None:
+    """move() of the latest entry (the common case: a request written late) leaves the
+    limiter as if those sends had been recorded at the later instant in the first place."""
+    moved, direct = Limiter(policy), Limiter(policy)
+    sends = drive(moved, start, plan)
+    assume(sends)
+    last = sends[-1]
+    n = sends.count(last)
+    for at in sorted(set(sends[:-n])):
+        direct.record(at, sends.count(at))
+    later = last + delay * policy.period_s
+    moved.move(last, later, n)
+    direct.record(later, n)
+    for t in (later, later + policy.period_s / 2, later + policy.period_s):
+        assert moved.window_count(t) == direct.window_count(t)
+        assert moved.allowance(t) == direct.allowance(t)
+        assert moved.earliest(t) == direct.earliest(t)
+
+
+@FAST
 @given(
     policy=policies,
     start=starts,

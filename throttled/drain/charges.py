@@ -43,9 +43,20 @@ class Charges:
     ) -> float:
         """The request built at `built_at` is being written now: learn how late, and move the
         charge if the write is later than it allowed (see redate)."""
-        late = self._clock() - built_at
-        self._late_s = min(MAX_LATE_S, max(late, self._late_s * LATE_DECAY))
+        self._learn(self._clock() - built_at)
         return self.redate(rows, charged, margin=self._margin_s)
+
+    def landed(
+        self, rows: Sequence[tuple[QueueState, ClaimedAction]], built_at: float, charged: float
+    ) -> float:
+        """The request built at `built_at` has been written (seen from the loop's next step,
+        a bound on the write's instant): learn how late, and move the charge past it if it
+        is later still (see redate)."""
+        self._learn(self._clock() - built_at - self._margin_s)
+        return self.redate(rows, charged, margin=0.0)
+
+    def _learn(self, late: float) -> None:
+        self._late_s = min(MAX_LATE_S, max(late, self._late_s * LATE_DECAY))
 
     def waiting(self, queue_id: int) -> bool:
         """Whether a request of this queue is built but not yet written."""

@@ -386,7 +386,7 @@ class PortalSender:
         def on_written() -> None:
             # Normally well within the margin; after a pause (a garbage collection between
             # the first instant and the write) the charge moves to an instant past the write.
-            sent[0] = self._charges.redate(rows, sent[0], margin=0.0)
+            sent[0] = self._charges.landed(rows, at, sent[0])
 
         started = time.monotonic()
         # A request is over before its portal's lease can expire in the database (abandoned

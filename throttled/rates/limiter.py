@@ -80,6 +80,11 @@ class Limiter:
     def move(self, old_at: float, new_at: float, n: int) -> None:
         """Re-date n sends recorded at old_at to the later instant new_at (they went out late)."""
         log = self._log
+        if log and log[-1] == (old_at, n) and new_at > old_at:  # (the latest, as a rule)
+            log[-1] = (new_at, n)
+            self._last = max(self._last, new_at)
+            self._prune()
+            return
         i = bisect.bisect_left(log, old_at, key=lambda entry: entry[0])
         if i < len(log) and log[i][0] == old_at:
             taken = min(n, log[i][1])
