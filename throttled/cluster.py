@@ -34,146 +34,40 @@ same host (named hostname:pid, the default) whose process no longer exists end a
 restart after a crash takes its portals back without waiting out lease_s. (Instances that share
 a host name must then share its process table: containers that share a host name, each in its
 own pid namespace, set cluster.instance_name.)
+
+The parts: cluster_leases.py holds the state of the leases and what the scheduler asks of it,
+cluster_listen.py the listener and the work notifications' format; this module the life cycle,
+taking and handing back portals, and the heartbeat.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import math
 import os
 import random
-import secrets
 import socket
-import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Collection, Iterable, Mapping
 
-import asyncpg
 import structlog
 
 from throttled.aio import Outage, wait_event
+from throttled.cluster_listen import Listener, _integer, _work_payload
 from throttled.config import MAX_INSTANCE_NAME
-from throttled.db.cluster import CHANNEL, Survey
-from throttled.db.repository import DatabaseError, DatabaseUnavailable, Repository, translate_errors
+from throttled.db.cluster import Survey
+from throttled.db.repository import DatabaseError, DatabaseUnavailable
 
 log = structlog.get_logger(__name__)
 
-Gained = Callable[[set[int], dict[int, str | None]], Awaitable[None]]
-Lost = Callable[[set[int]], Awaitable[None]]
-Work = Callable[[list[int], set[int]], None]
-T = TypeVar("T")
-
 LOGGED_PORTALS = 20  # portal ids a log line names (it counts them all)
-MAX_ID = 2**63 - 1  # a bigint: an id from a notification beyond it is no queue's
-SEND_SLACK_S = 0.5  # a request ends this long before its portal's lease can expire
-MAX_PAYLOAD = 7000  # characters of a work notification (PostgreSQL's limit is 8000 bytes)
-
-
-async def _nothing_gained(portals: set[int], previous: dict[int, str | None]) -> None:
-    """The default on_gained: nothing to set up."""
-
-
-async def _nothing_lost(portals: set[int]) -> None:
-    """The default on_lost: nothing to stop."""
-
-
-def _no_work(queue_ids: list[int], portals: set[int]) -> None:
-    """The default on_work: nobody to wake."""
-
-
-def default_name() -> str:
-    """hostname:pid, how an instance without cluster.instance_name is listed."""
-    return f"{socket.gethostname()}:{os.getpid()}"[:MAX_INSTANCE_NAME]
 
 
 def _some(portals: Iterable[int]) -> list[int]:
     return sorted(portals)[:LOGGED_PORTALS]
 
 
-class Cluster:
+class Cluster(Listener):
     """This instance's portal leases: which portals it may send for, kept by heartbeat."""
-
-    def __init__(
-        self,
-        repo: Repository,
-        *,
-        lease_s: float,
-        name: str = "",
-        instance_id: str | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if not (math.isfinite(lease_s) and lease_s > 0):
-            raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s!r}")
-        self.id = instance_id or secrets.token_hex(8)  # one per process start
-        self.name = (name or default_name())[:MAX_INSTANCE_NAME]
-        self.lease_s = lease_s
-        self.interval_s = lease_s / 3  # between heartbeats
-        self.margin_s = lease_s / 3  # a lease ends this much sooner here than in the database
-        self.on_gained: Gained = _nothing_gained
-        self.on_lost: Lost = _nothing_lost
-        self.on_work: Work = _no_work
-        self._repo = repo
-        self._clock = clock
-        self._until: dict[int, float] = {}  # portal -> the local instant its lease ends
-        self._handed: dict[int, float] = {}  # portal -> when it was handed back (recently)
-        self._calm_until = -math.inf  # no rebalancing before then (see _take)
-        self._unreleased: set[int] = set()  # handed back here, not yet in the database
-        self._settling: set[int] = set()  # being handed back: on_lost under way (leases kept)
-        self._letting_go: set[asyncio.Task[None]] = set()  # those on_lost calls
-        self._failed: list[asyncio.Task[None]] = []  # hand-backs that raised (not a DB error)
-        self._live = 1  # live instances, and portals with work or leased, at the last survey
-        self._total = 0
-        self._counted: set[int] = set()  # portals that total counts (owned here, or candidates)
-        self._registered = False
-        self._lock = asyncio.Lock()  # one change of the leases at a time
-        self._wake = asyncio.Event()  # another instance announced something
-        self._halted = asyncio.Event()  # stop() was called
-        self._suspended = False  # the database was lost: no request starts (see suspend)
-
-    # -- what the scheduler asks ------------------------------------------------------------
-
-    @property
-    def owned(self) -> set[int]:
-        """The portals this instance may send for now (by local reckoning)."""
-        now = self._clock()
-        return {p for p, until in self._until.items() if until > now}
-
-    def owns(self, portal_id: int) -> bool:
-        """Whether this instance may send for this portal now."""
-        return self._until.get(portal_id, -math.inf) > self._clock()
-
-    def lease_left(self, portal_id: int) -> float:
-        """How long a request for this portal started now may last: until its lease may
-        expire in the database (taken over then, its rows sent again by the next owner), less
-        SEND_SLACK_S; 0 if this instance may not send for it now. A request must be over by
-        then, answered or abandoned (see PortalSender)."""
-        now = self._clock()
-        until = self._until.get(portal_id, -math.inf)
-        if until <= now or self._suspended:
-            return 0.0
-        return max(0.0, until + self.margin_s - SEND_SLACK_S - now)
-
-    @property
-    def suspended(self) -> bool:
-        """Whether sending is suspended (the database was lost, the leases not renewed since)."""
-        return self._suspended
-
-    def suspend(self, why: str) -> None:
-        """The database was lost: start no request (lease_left is 0) until a heartbeat renews
-        the leases, and run one at once. A request answered now could not be recorded, and the
-        next owner, once the leases expire, would send its rows again."""
-        if not self._suspended:
-            self._suspended = True
-            log.warning("cluster_sending_suspended", instance=self.id, reason=why)
-        self._wake.set()
-
-    def fair_share(self, extra: int = 0) -> int:
-        """Portals with work or leased (and `extra` more) per live instance, rounded up. (The
-        portals taken here since the last survey count too: work that arrived meanwhile.)"""
-        uncounted = sum(1 for p in self._until if p not in self._counted)
-        return math.ceil((self._total + uncounted + extra) / self._live)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -484,114 +378,6 @@ class Cluster:
             return mine - fair
         return 1 if mine == fair and fewest <= fair - 2 else 0
 
-    # -- the others' announcements ----------------------------------------------------------
-
-    async def _listen(self, stop: asyncio.Event) -> None:
-        outage = Outage("cluster_listen", "cluster_listen_failed")
-        while not (stop.is_set() or self._halted.is_set()):
-            try:
-                await self._listening(stop, outage)
-            except DatabaseError as exc:
-                await wait_event(stop, outage.failed(exc), self._halted)
-
-    async def _listening(self, stop: asyncio.Event, outage: Outage) -> None:
-        with translate_errors():
-            conn = await self._repo.pool.acquire()
-        lost = asyncio.Event()
-
-        def terminated(_conn: Any) -> None:
-            lost.set()
-            if not (stop.is_set() or self._halted.is_set()):
-                self.suspend("the listening connection was lost")
-
-        try:
-            with translate_errors():
-                conn.add_termination_listener(terminated)
-                await conn.add_listener(CHANNEL, self._received)
-            try:
-                outage.over()
-                self._wake.set()  # (what was announced while nobody listened)
-                while not (stop.is_set() or self._halted.is_set()):
-                    if lost.is_set() or _closed(conn):
-                        raise DatabaseUnavailable("the listening connection was lost")
-                    await wait_event(self._halted, self.interval_s, stop, lost)
-            finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.remove_listener(CHANNEL, self._received), 2.0)
-        finally:
-            with contextlib.suppress(Exception):
-                conn.remove_termination_listener(terminated)
-            with contextlib.suppress(Exception):
-                await self._repo.pool.release(conn)
-
-    def _received(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
-        try:
-            doc = json.loads(payload) if isinstance(payload, str) else None
-        except (ValueError, RecursionError):
-            doc = None
-        if not isinstance(doc, dict):
-            self._wake.set()  # (someone's: look again)
-        elif doc.get("instance") == self.id:
-            return
-        elif doc.get("event") == "work":
-            self._work(doc)  # (no heartbeat for it: that would be a survey per batch)
-        else:
-            self._wake.set()
-
-    def _work(self, doc: dict[str, Any]) -> None:
-        """Another instance stored work for portals: pass on what is for portals owned here."""
-        queue_ids: list[int] = []
-        work = doc.get("work")
-        if isinstance(work, dict):
-            for key, ids in work.items():
-                portal = _integer(key)
-                if portal is not None and self.owns(portal) and isinstance(ids, list):
-                    queue_ids += [i for i in ids if type(i) is int and 0 < i <= MAX_ID]
-        named = doc.get("portals")
-        whole = (
-            {p for p in named if type(p) is int and 0 < p <= MAX_ID}
-            if isinstance(named, list)
-            else set()
-        )
-        whole = self.owned if doc.get("all") is True else whole & self.owned
-        if queue_ids or whole:
-            self.on_work(queue_ids, whole)
-        if doc.get("wake") is True:
-            self._wake.set()  # portals were left without an owner: take them if there is room
-
-    async def _db(self, query: Coroutine[Any, Any, T]) -> T:
-        """A query bounded in time: one that does not answer within a heartbeat is a failure
-        (the leases must lapse here on time, not after the pool's command timeout)."""
-        try:
-            async with asyncio.timeout(max(self.interval_s, 1.0)):
-                return await query
-        except TimeoutError:
-            raise DatabaseUnavailable("the database did not answer in time") from None
-
-
-def _work_payload(instance_id: str, work: Mapping[int, Collection[int]], *, wake: bool) -> str:
-    """A work notification: queue ids by portal; if that is too long, the portals alone; if
-    that is too, every portal (the owners look at all theirs)."""
-    base: dict[str, Any] = {"instance": instance_id, "event": "work"}
-    if wake:
-        base["wake"] = True
-    bodies: list[dict[str, Any]] = [
-        {"work": {str(p): sorted(work[p]) for p in sorted(work)}},
-        {"portals": sorted(work)},
-    ]
-    for body in bodies:
-        text = json.dumps(base | body, separators=(",", ":"))
-        if len(text) <= MAX_PAYLOAD:
-            return text
-    return json.dumps(base | {"all": True}, separators=(",", ":"))
-
-
-def _integer(text: object) -> int | None:
-    """A portal id as a JSON object key (decimal digits), else None."""
-    if isinstance(text, str) and text.isascii() and text.isdigit() and len(text) <= 19:
-        return int(text)
-    return None
-
 
 def _process_gone(name: str, prefix: str) -> bool:
     """Whether `name` is hostname:pid of this host, for a pid that is no longer running (not
@@ -606,10 +392,3 @@ def _process_gone(name: str, prefix: str) -> bool:
     except OSError:  # (it exists, another user's)
         return False
     return False
-
-
-def _closed(conn: Any) -> bool:
-    try:
-        return bool(conn.is_closed())
-    except asyncpg.InterfaceError:  # (a proxy the pool took back after a loss)
-        return True
