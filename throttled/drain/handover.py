@@ -85,6 +85,10 @@ class Handover:
             self._elsewhere.setdefault(queue.portal_id, set()).add(queue.id)
             self._route_wake.set()
 
+    def taking(self, portal_id: int) -> bool:
+        """Whether the portal's take-over is under way (its claimed rows may be reset)."""
+        return portal_id in self._taking
+
     def defer(self, queue: QueueState) -> bool:
         """Whether a queue that gains work must wait: its portal's take-over is under way
         (its rate log not replayed, its budget not seeded yet); it runs once that is over."""
