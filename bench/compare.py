@@ -6,7 +6,9 @@
 /tmp/oldwt <commit> && make -C /tmp/oldwt venv`). The runs alternate (old, new, old, new, ...)
 so that the machine's drift hits both alike; each run's SUMMARY figures are printed, then the
 median of each side and the new/old ratio. Figures: drain callbacks/s, the daemon's CPU
-seconds per 1,000 callbacks, the idle first-send p99, and window violations at the wire.
+seconds per 1,000 callbacks, the idle first-send p99 and p50, the /healthz p99 (loop stalls),
+and window violations at the wire. One run's first-send p99 is nearly its slowest probe (50
+probes in a --quick run): use --probe-interval 0.05 and several runs for a steadier figure.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ FIGURES = {
     "first-send p99 ms": re.compile(r"idle first-send p99 ([\d.,]+) ms"),
     "violations": re.compile(r"window violations (\d+)"),
 }
+# From the whole output (both commits print these lines): steadier than one p99 of ~50 probes.
+DETAILS = {
+    "first-send p50 ms": re.compile(r"idle first-send\s+: \d+ probes, p50 ([\d.,]+) ms"),
+    "healthz p99 ms": re.compile(
+        r"GET /healthz every \d+ ms, latency p50 [\d.]+ ms, p99 ([\d.,]+) ms"
+    ),
+}
 
 
 def run(tree: Path, extra: list[str]) -> dict[str, float]:
@@ -39,6 +48,9 @@ def run(tree: Path, extra: list[str]) -> dict[str, float]:
     figures = {}
     for name, pattern in FIGURES.items():
         found = pattern.search(summary)
+        figures[name] = float(found.group(1).replace(",", "")) if found else float("nan")
+    for name, pattern in DETAILS.items():
+        found = pattern.search(out.stdout)
         figures[name] = float(found.group(1).replace(",", "")) if found else float("nan")
     return figures
 
@@ -60,7 +72,7 @@ def main() -> None:
             shown = ", ".join(f"{k} {v:,.3f}" for k, v in figures.items())
             print(f"run {n + 1} {side}: {shown}", flush=True)
     print("\nmedian of each side (new / old):")
-    for name in FIGURES:
+    for name in (*FIGURES, *DETAILS):
         old = statistics.median(f[name] for f in sides["old"])
         new = statistics.median(f[name] for f in sides["new"])
         ratio = f"{new / old:.3f}" if old else "n/a"

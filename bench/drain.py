@@ -759,7 +759,7 @@ class DrainBench(harness.Bench):
         )
         cpu = self._cpu(start, end, done_at)
         rss = self._rss(start, end)
-        probes = self._probes(run["probes"], probe_arrival)
+        probes = self._probes(run["probes"], probe_arrival, run["ready_at"])
         health = run["health"]
         lag = run["fake"].get("loop_lag", {})
         hd = run["fake"].get("handler_delay", {})
@@ -961,7 +961,9 @@ class DrainBench(harness.Bench):
         )
         return rss
 
-    def _probes(self, probes: list[dict[str, Any]], arrivals: dict[str, float]) -> dict[str, Any]:
+    def _probes(
+        self, probes: list[dict[str, Any]], arrivals: dict[str, float], ready_at: float
+    ) -> dict[str, Any]:
         """First-send latency of the idle-queue probes."""
         answered = [p for p in probes if p["status"] == 200]
         lat = [arrivals[p["cid"]] - p["at"] for p in answered if p["cid"] in arrivals]
@@ -976,6 +978,19 @@ class DrainBench(harness.Bench):
             "received by the fake before the stop; "
             f"non-200 answers {dict(other) or 'none'}; intake answer p99 "
             f"{fmt_ms(percentile(answer, 99))}"
+        )
+        slowest = sorted(
+            (
+                (arrivals[p["cid"]] - p["at"], p["sent"] - ready_at)
+                for p in answered
+                if p["cid"] in arrivals
+            ),
+            reverse=True,
+        )[:5]
+        print(
+            "  slowest probes       : "
+            + ", ".join(f"{fmt_ms(x)} (sent at +{t:.1f} s)" for x, t in slowest)
+            + f"; p90 {fmt_ms(percentile(lat, 90))}, p95 {fmt_ms(percentile(lat, 95))}"
         )
         self._probe_segments(answered, arrivals)
         return {"p99": percentile(lat, 99), "n": len(lat), "missing": missing}

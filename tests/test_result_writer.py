@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from throttled.db.repository import DatabaseError, Repository, Retry
+from throttled.db.repository import ClaimedAction, DatabaseError, Repository, Retry
 from throttled.drain.outcomes import Outcome
 from throttled.drain.result_writer import ResultWriter
 
@@ -67,3 +67,30 @@ async def test_a_retry_written_before_a_failure_is_not_written_again(db_url: str
     with psycopg.connect(db_url) as conn:
         states = dict(conn.execute("SELECT callback_id, state FROM actions").fetchall())
     assert states == {"cb-1": "done", "cb-2": "claimed", "cb-3": "failed"}
+
+
+async def test_claimed_rows_are_built_positionally_as_by_name(db_url: str) -> None:
+    """ClaimedAction.from_rows takes CLAIM's columns in order (the fast path): the rows it
+    builds are those built by column name, and columns in another order are taken by name."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO queues (id, key, portal_id, policy) VALUES (1, 'q', 7, '{}'::jsonb)"
+        )
+        conn.execute(
+            "INSERT INTO actions (callback_id, queue_id, portal_id, deadline, priority)"
+            " SELECT 'cb-' || g, 1, 7, now() + interval '1 day', g FROM generate_series(1, 3) g"
+        )
+    async with Repository.open(db_url, min_size=1, max_size=2) as repo:
+        claimed = await repo.claim([1], [3], datetime.now(UTC))
+        raw = await repo.pool.fetch(
+            "SELECT split_group, failures, attempts, deadline, priority, portal_id, queue_id,"
+            " callback_id, id FROM actions ORDER BY id"
+        )
+    by_name = [ClaimedAction.from_row(r) for r in raw]
+    assert ClaimedAction.from_rows(raw) == by_name  # (reordered columns: by name)
+    assert sorted(claimed, key=lambda r: r.id) == by_name
+    assert {(r.callback_id, r.portal_id, r.priority) for r in claimed} == {
+        ("cb-1", 7, 1),
+        ("cb-2", 7, 2),
+        ("cb-3", 7, 3),
+    }

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -80,7 +80,7 @@ class NewAction:
 
 # Not frozen: one is built per claimed row, and a frozen __init__ costs 1.5 us more. Never
 # mutated (hashable by its fields, as a frozen one would be).
-@dataclass(kw_only=True, slots=True, unsafe_hash=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ClaimedAction:
     """A row reserved by this process for sending."""
 
@@ -98,6 +98,17 @@ class ClaimedAction:
     def from_row(cls, row: asyncpg.Record) -> ClaimedAction:
         """Build from a CLAIM row."""
         return cls(**dict(row))
+
+    @classmethod
+    def from_rows(cls, rows: list[asyncpg.Record]) -> list[ClaimedAction]:
+        """Build from CLAIM rows: positionally when the columns are the fields in order (a
+        thousand rows an answer: 1 us a row less than by name), else by name."""
+        if rows and tuple(rows[0].keys()) == _CLAIMED_FIELDS:
+            return [cls(*row) for row in rows]
+        return [cls.from_row(row) for row in rows]
+
+
+_CLAIMED_FIELDS = tuple(f.name for f in fields(ClaimedAction))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -362,15 +373,14 @@ class Repository(OperatorQueries, ClusterQueries):
     ) -> list[ClaimedAction]:
         """Reserve up to limits[i] due rows of queue_ids[i], all queues in one statement.
         `stamp` (unique per claim) is stored as their claimed_at: see release_unanswered."""
-        rows = await self._fetch(q.CLAIM, queue_ids, limits, stamp)
-        return [ClaimedAction.from_row(r) for r in rows]
+        return ClaimedAction.from_rows(await self._fetch(q.CLAIM, queue_ids, limits, stamp))
 
     async def claim_released(
         self, queue_id: int, limit: int, stamp: datetime
     ) -> list[ClaimedAction]:
         """Claim rows an operator released (fail-pending), regardless of the queue's rate."""
         rows = await self._fetch(q.CLAIM_RELEASED, queue_id, limit, stamp)
-        return [ClaimedAction.from_row(r) for r in rows]
+        return ClaimedAction.from_rows(rows)
 
     async def releasing_queues(self) -> list[QueueRow]:
         """Queues with released rows (fail-pending) to complete."""

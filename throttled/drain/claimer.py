@@ -32,6 +32,7 @@ log = structlog.get_logger(__name__)
 CLAIM_CHUNK = 1000  # queues per bulk statement: bounds how long one answer holds the loop
 URGENT_CHUNK = 200  # queues per urgent statement
 GATHER_S = 0.002  # let queues that fall due together claim together
+ANSWER_SLICE = 100  # asks answered per loop step: each wakes a queue coroutine's hand-over
 
 
 @dataclass(eq=False, slots=True)
@@ -52,6 +53,20 @@ class _Lane:
 
 def _claim_order(row: ClaimedAction) -> tuple[int, int]:
     return (-row.priority, row.id)
+
+
+def _answer(asks: list[_Ask], by_queue: dict[int, list[ClaimedAction]]) -> list[int]:
+    """Resolve these asks with their rows; the ids of rows whose asker is gone."""
+    orphans: list[int] = []
+    for ask in asks:
+        got = by_queue.get(ask.queue.id) or []
+        if len(got) > 1:
+            got.sort(key=_claim_order)
+        if ask.rows.done():  # its asker was cancelled while the statement ran
+            orphans += [r.id for r in got]
+        else:
+            ask.rows.set_result(got)
+    return orphans
 
 
 def _ignore(queue_ids: Iterable[int]) -> None:
@@ -174,14 +189,19 @@ class Claimer:
         for row in rows:
             by_queue[row.queue_id].append(row)
         orphans: list[int] = []
-        for ask in asks:
-            got = by_queue.get(ask.queue.id) or []
-            if len(got) > 1:
-                got.sort(key=_claim_order)
-            if ask.rows.done():  # its asker was cancelled while the statement ran
-                orphans += [r.id for r in got]
-            else:
-                ask.rows.set_result(got)
+        answered = 0
+        try:
+            # A slice of the asks per loop step: each answer's hand-over runs in the next
+            # step, and a thousand of them in one step would hold the loop (intake, the
+            # senders' timers) for tens of milliseconds.
+            while answered < len(asks):
+                if answered:
+                    await asyncio.sleep(0)
+                part = asks[answered : answered + ANSWER_SLICE]
+                answered += len(part)
+                orphans += _answer(part, by_queue)
+        finally:
+            orphans += _answer(asks[answered:], by_queue)  # (cancelled: none left unheld)
         if orphans:
             try:
                 await shielded(self._repo.release(orphans))

@@ -270,7 +270,10 @@ class PortalSender:
 
     def _send_one(self, token: str | _NoToken) -> bool:
         at = self._d.clock()
-        rows, expired = self._fill(at)
+        # The instant the request is charged to its queues' limiters, and stored as sent:
+        # fixed here, once (the allowance for late writes moves between requests).
+        charge = self._charges.charge(at)
+        rows, expired = self._fill(at, charge)
         if expired:
             self._d.expire(expired)
         if not rows:
@@ -287,23 +290,23 @@ class PortalSender:
             )
             return False
         self._budget.spend(at)
-        send = self._send(rows, at, token, self._charges.built(rows))
+        send = self._send(rows, at, charge, token, self._charges.built(rows))
         task = asyncio.create_task(send, name=f"send-{self.portal_id}")
         self._tasks[task] = [r for _, r in rows]
         task.add_done_callback(self._sent)
         return True
 
     def _fill(
-        self, at: float
+        self, at: float, charge: float
     ) -> tuple[list[tuple[QueueState, ClaimedAction]], list[ClaimedAction]]:
-        """Take due rows, queue by queue, as far as each limiter allows at `at`."""
+        """Take due rows, queue by queue, as far as each limiter allows at `at`; record
+        them in their limiters as sent at `charge`."""
         room = self._d.config.batch_size
         taken: list[tuple[QueueState, ClaimedAction]] = []
         expired: list[ClaimedAction] = []
         group: int | None = None
         state: str | None = None  # one completion state per request
         skipped: list[tuple[float, _Batch]] = []
-        charge = self._charges.charge(at)
         if self._urgent:  # rows of queues waking from idle go first, then the rest by due time
             urgent = [(due, b) for due, b in self._urgent if due <= at]
             self._urgent = [(due, b) for due, b in self._urgent if due > at]
@@ -348,11 +351,12 @@ class PortalSender:
         self,
         rows: list[tuple[QueueState, ClaimedAction]],
         at: float,
+        charge: float,
         token: str,
         unwritten: set[int],
     ) -> None:
         try:
-            outcome = await self._attempt(rows, at, token, unwritten)
+            outcome = await self._attempt(rows, at, charge, token, unwritten)
             self._d.writer.add(outcome)
         except Exception:  # a bug here must not lose rows: release them for a later claim
             log.exception("send_failed_unexpectedly", portal_id=self.portal_id, rows=len(rows))
@@ -371,13 +375,14 @@ class PortalSender:
         self,
         rows: list[tuple[QueueState, ClaimedAction]],
         at: float,
+        charge: float,
         token: str,
         unwritten: set[int],
     ) -> Outcome:
         d = self._d
         state = rows[0][0].complete_as or "SUCCESS"  # (_fill puts one state in a request)
         body = d.client.completion_body([r.callback_id for _, r in rows], state)
-        sent = [self._charges.charge(at)]  # the instant charged to the limiters, and stored
+        sent = [charge]  # the instant charged to the limiters (moved if written later), stored
 
         def on_sent() -> None:
             sent[0] = self._charges.sent(rows, at, sent[0])
