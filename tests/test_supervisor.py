@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg.types.json import Jsonb
 
 from tests.conftest import action_payload, wait_for
@@ -16,7 +17,7 @@ from tests.test_queue_operations import ADMIN, call, done, enqueue, key_path
 from throttled import rates
 from throttled.db.repository import Repository
 from throttled.drain import queue_loop
-from throttled.drain.claimer import Claimer
+from throttled.drain.claimer import ANSWER_SLICE, Claimer
 from throttled.queues import QueueLimiter, QueueState
 
 PORTAL = 62515
@@ -169,6 +170,43 @@ async def test_queues_due_together_claim_in_one_statement(db_url):
             "SELECT count(DISTINCT claimed_at) FROM actions WHERE state = 'claimed'"
         ).fetchone()
     assert stamps == 1
+
+
+async def test_a_large_claim_is_answered_a_slice_a_step_and_a_cancel_leaves_none_unanswered(
+    db_url,
+):
+    """One statement for 250 queues; its answers go out ANSWER_SLICE a loop step (a
+    thousand hand-overs in one step would hold the loop). Cancelled between slices (the
+    daemon stopping), the claimer still hands every ask its rows: none is left claimed in
+    nobody's hands."""
+    policy = rates.RatePolicy(limit=1, period_s=10.0)
+    queue_ids = add_backlog(db_url, 250, 1, policy)
+    async with Repository.open(db_url, min_size=1, max_size=2) as repo:
+        claimer = Claimer(repo)
+        queues = [
+            QueueState(
+                id=qid,
+                key=f"q{qid}",
+                portal_id=PORTAL,
+                limiter=QueueLimiter(policy, key=f"q{qid}"),
+                stored_policy=policy.to_json(),
+            )
+            for qid in queue_ids
+        ]
+        asks = [claimer.claim(q, 1) for q in queues]
+        task = asyncio.create_task(claimer.claim_once())
+        seen: list[int] = []
+
+        def first_answered(_: object) -> None:  # (the step after the first slice's)
+            seen.append(sum(f.done() for f in asks))
+            task.cancel()
+
+        asks[0].add_done_callback(first_answered)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert seen == [ANSWER_SLICE]
+    assert claimer.claims == 1
+    assert sorted(r.queue_id for f in asks for r in f.result()) == sorted(queue_ids)
 
 
 async def test_backlogged_queues_found_at_start_claim_together(
