@@ -30,6 +30,7 @@ import structlog
 from throttled.aio import Outage, wait_event
 from throttled.db.repository import DatabaseError, Repository
 from throttled.drain.dispatcher import Dispatcher
+from throttled.drain.queue_loop import SPAWN_SLICE
 from throttled.queues import QueueState
 
 if TYPE_CHECKING:
@@ -200,8 +201,6 @@ class Handover:
         for portal_id, instants in requests.items():
             self._dispatcher.seed_budget(portal_id, instants)
         self._taking.difference_update(ids)
-        for queue in queues:
-            sup.kick(queue, held=True)
         for p in ids:
             del self._unfinished[p]
         self._recover_all = False
@@ -212,6 +211,10 @@ class Handover:
             reclaimed=reclaimed,
             seeded_requests=sum(len(v) for v in requests.values()),
         )
+        for k, queue in enumerate(queues):  # (taken over: work that comes now runs at once)
+            if k and k % SPAWN_SLICE == 0:
+                await asyncio.sleep(0)  # (see SPAWN_SLICE)
+            sup.kick(queue, held=True)
 
     def _run_deferred(self, portals: set[int]) -> None:
         """The queues of these portals that gained work during their take-over: run here

@@ -21,6 +21,9 @@ from throttled.drain.claimer import Claimer
 from throttled.queues import QueueState
 
 MAX_CLAIM_ROWS = 1000  # rows per queue per claim
+# Queue coroutines started (or kicked) per loop step when many start at once (ten thousand
+# at start-up, a take-over): their first steps, all in one step, held the loop for 100 ms.
+SPAWN_SLICE = 500
 
 
 @dataclass(eq=False, slots=True)

@@ -39,7 +39,7 @@ from throttled.drain.claimer import Claimer
 from throttled.drain.dispatcher import Dispatcher
 from throttled.drain.handover import Handover, Leases
 from throttled.drain.outcomes import shielded
-from throttled.drain.queue_loop import Signals, drain_queue
+from throttled.drain.queue_loop import SPAWN_SLICE, Signals, drain_queue
 from throttled.drain.releases import Releases
 from throttled.queues import QueueLimiter, QueueState, safe_policy
 
@@ -416,8 +416,11 @@ class Supervisor:
             try:
                 async with asyncio.TaskGroup() as group:
                     self._group = group
-                    for queue_id, signals in list(self._signals.items()):
-                        self._spawn(self.queues[queue_id], signals)
+                    for k, (queue_id, signals) in enumerate(list(self._signals.items())):
+                        if k and k % SPAWN_SLICE == 0:
+                            await asyncio.sleep(0)  # (see SPAWN_SLICE)
+                        if self._signals.get(queue_id) is signals and queue_id not in self._tasks:
+                            self._spawn(self.queues[queue_id], signals)
                     await stop.wait()
                     self._stop()
             finally:
