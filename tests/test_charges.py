@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 
 from tests.conftest import ManualClock, action_payload, wait_for
+from throttled import metrics
 from throttled.drain.charges import MAX_LATE_S
 
 PORTAL = 62515
@@ -21,25 +22,58 @@ async def test_the_charge_fixed_at_build_is_the_one_stored(daemon_factory, fake_
     later than its limiter counted, and its queue's next send came 20 ms early at the wire.)"""
     clock = ManualClock()
     async with daemon_factory(clock=clock) as daemon:
-        await daemon.connect_portal(fake_hubspot, PORTAL)
-        sender = daemon.runtime.dispatcher._sender(PORTAL)  # (made now, to be paused first)
-        sender.pause(clock() + 3600)  # (its own loop sends nothing: this test builds)
-        payload = action_payload(
-            portal_id=PORTAL, input_fields={"maxThroughput": "1", "timeUnit": "seconds"}
-        )
-        assert (await daemon.post_action(payload))[0] == 200
-        await wait_for(lambda: sender.held == 1)
-        [queue] = [q for q in daemon.runtime.scheduler.queues.values() if q.portal_id == PORTAL]
-
+        queue, sender, callback_id = await _one_held(daemon, fake_hubspot, clock)
         assert sender._send_one(await sender._token())  # built: charged to its limiter now
         sender._charges._late_s = MAX_LATE_S  # (another request's late write, learned now)
         await sender.settle()
         next_slot = queue.limiter.earliest(clock())
-        await wait_for(lambda: _sent_at(db_url, payload["callbackId"]) is not None)
-        stored = _sent_at(db_url, payload["callbackId"])
-    assert set(fake_hubspot.completed) == {payload["callbackId"]}
-    assert stored is not None
+        stored = await _stored(db_url, callback_id)
+    assert set(fake_hubspot.completed) == {callback_id}
     assert abs(next_slot - (stored + 1.0)) < 1e-5, (next_slot, stored)
+
+
+async def test_a_request_written_late_moves_its_charge_past_the_write(
+    daemon_factory, fake_hubspot, db_url
+):
+    """Written 50 ms after its build (a stalled loop), past the send margin: its charge
+    moves to the write + the margin, in its limiter and in what is stored, and is counted."""
+    clock = ManualClock()
+    async with daemon_factory(clock=clock) as daemon:
+        queue, sender, callback_id = await _one_held(daemon, fake_hubspot, clock)
+        moved = metrics.CHARGES_MOVED.value()
+        built = clock()
+        assert sender._send_one(await sender._token())
+        clock.advance(0.05)  # (its task starts, and writes, 50 ms after the build)
+        await sender.settle()
+        next_slot = queue.limiter.earliest(clock())
+        stored = await _stored(db_url, callback_id)
+        margin = daemon.runtime.dispatcher.margin_s
+    assert metrics.CHARGES_MOVED.value() == moved + 1
+    assert stored >= built + 0.05 + margin - 1e-6, (stored, built)
+    assert abs(next_slot - (stored + 1.0)) < 1e-5, (next_slot, stored)
+
+
+async def _one_held(daemon: Any, fake: Any, clock: ManualClock) -> tuple[Any, Any, str]:
+    """One action of a 1-per-second queue, held by its portal's sender, which is paused (its
+    own loop sends nothing: the test builds the request)."""
+    await daemon.connect_portal(fake, PORTAL)
+    sender = daemon.runtime.dispatcher._sender(PORTAL)  # (made now, to be paused first)
+    sender.pause(clock() + 3600)
+    payload = action_payload(
+        portal_id=PORTAL, input_fields={"maxThroughput": "1", "timeUnit": "seconds"}
+    )
+    assert (await daemon.post_action(payload))[0] == 200
+    await wait_for(lambda: sender.held == 1)
+    [queue] = [q for q in daemon.runtime.scheduler.queues.values() if q.portal_id == PORTAL]
+    return queue, sender, payload["callbackId"]
+
+
+async def _stored(db_url: str, callback_id: str) -> float:
+    """The row's stored send instant, once the result writer has written it."""
+    await wait_for(lambda: _sent_at(db_url, callback_id) is not None)
+    stored = _sent_at(db_url, callback_id)
+    assert stored is not None
+    return float(stored)
 
 
 def _sent_at(db_url: str, callback_id: str) -> Any:

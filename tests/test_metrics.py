@@ -54,6 +54,7 @@ NEW = {
     "throttled_portal_actions": "gauge",
     "throttled_portal_actions_age_seconds": "gauge",
     "throttled_hubspot_rate_limit_remaining": "gauge",
+    "throttled_request_charges_moved_total": "counter",
 }
 
 

@@ -313,6 +313,11 @@ GC_PAUSE = Counter(
 GC_LONGEST_PAUSE = Gauge(
     "throttled_gc_longest_pause_seconds", "Longest single garbage-collection pause so far."
 )
+CHARGES_MOVED = Counter(
+    "throttled_request_charges_moved_total",
+    "Completion requests written later than their charge allowed (the send margin and the "
+    "late-write allowance): their queues' limiters re-dated them, at a cost per queue.",
+)
 QUEUE_POLICY_ERRORS = Counter(
     "throttled_queue_policy_errors_total",
     "Queues held because their stored rate policy could not be evaluated.",

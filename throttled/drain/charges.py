@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from throttled import metrics
 from throttled.db.repository import ClaimedAction
 from throttled.queues import QueueState
 
@@ -95,5 +96,6 @@ class Charges:
                 queues[queue.id] = queue
             for queue_id, n in counts.items():
                 queues[queue_id].limiter.move(charged, new, n)
+            metrics.CHARGES_MOVED.inc()
             return new
         return charged
