@@ -145,21 +145,26 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
+def _states(queue_ids: list[int], policy: rates.RatePolicy) -> list[QueueState]:
+    """In-memory state for queues of PORTAL under one policy (a claimer on its own)."""
+    return [
+        QueueState(
+            id=qid,
+            key=f"q{qid}",
+            portal_id=PORTAL,
+            limiter=QueueLimiter(policy, key=f"q{qid}"),
+            stored_policy=policy.to_json(),
+        )
+        for qid in queue_ids
+    ]
+
+
 async def test_queues_due_together_claim_in_one_statement(db_url):
     policy = rates.RatePolicy(limit=1, period_s=10.0)
     queue_ids = add_backlog(db_url, 40, 2, policy)
     async with Repository.open(db_url, min_size=1, max_size=2) as repo:
         claimer = Claimer(repo)
-        queues = [
-            QueueState(
-                id=qid,
-                key=f"q{qid}",
-                portal_id=PORTAL,
-                limiter=QueueLimiter(policy, key=f"q{qid}"),
-                stored_policy=policy.to_json(),
-            )
-            for qid in queue_ids
-        ]
+        queues = _states(queue_ids, policy)
         asks = [claimer.claim(q, 1) for q in queues]
         assert await claimer.claim_once() == 40
         assert claimer.claims == 1
@@ -183,16 +188,7 @@ async def test_a_large_claim_is_answered_a_slice_a_step_and_a_cancel_leaves_none
     queue_ids = add_backlog(db_url, 250, 1, policy)
     async with Repository.open(db_url, min_size=1, max_size=2) as repo:
         claimer = Claimer(repo)
-        queues = [
-            QueueState(
-                id=qid,
-                key=f"q{qid}",
-                portal_id=PORTAL,
-                limiter=QueueLimiter(policy, key=f"q{qid}"),
-                stored_policy=policy.to_json(),
-            )
-            for qid in queue_ids
-        ]
+        queues = _states(queue_ids, policy)
         asks = [claimer.claim(q, 1) for q in queues]
         task = asyncio.create_task(claimer.claim_once())
         seen: list[int] = []

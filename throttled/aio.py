@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, TypeVar
 
 import structlog
 
@@ -12,6 +13,18 @@ log = structlog.get_logger(__name__)
 
 OUTAGE_FIRST_S = 1.0  # the first retry after a failure; doubled per failure ...
 OUTAGE_MAX_S = 30.0  # ... up to this
+
+
+T = TypeVar("T")
+
+
+async def in_steps(items: Iterable[T], per_step: int) -> AsyncIterator[T]:
+    """The items, `per_step` of them a loop step: work started for each (a task's first step,
+    a callback) runs a slice at a time, with I/O between, not all in one long step."""
+    for k, item in enumerate(items):
+        if k and k % per_step == 0:
+            await asyncio.sleep(0)
+        yield item
 
 
 async def wait_event(event: asyncio.Event, timeout: float | None, *others: asyncio.Event) -> None:

@@ -52,7 +52,7 @@ from collections.abc import Collection, Iterable, Mapping
 import structlog
 
 from throttled.aio import Outage, wait_event
-from throttled.cluster_listen import Listener, _integer, _work_payload
+from throttled.cluster_listen import Listener, decimal_id, work_payload
 from throttled.config import MAX_INSTANCE_NAME
 from throttled.db.cluster import Survey
 from throttled.db.repository import DatabaseError, DatabaseUnavailable
@@ -145,7 +145,7 @@ class Cluster(Listener):
         # (a portal the database says is ours lapsed here only: the heartbeat takes it up)
         others = {p: work[p] for p in portals if owners.get(p, self.id) != self.id}
         if others or left:
-            payload = _work_payload(self.id, others, wake=bool(left))
+            payload = work_payload(self.id, others, wake=bool(left))
             await self._db(self._repo.announce_work(payload))
 
     async def release(self, portal_ids: Iterable[int]) -> set[int]:
@@ -382,7 +382,7 @@ class Cluster(Listener):
 def _process_gone(name: str, prefix: str) -> bool:
     """Whether `name` is hostname:pid of this host, for a pid that is no longer running (not
     this process's: instances in one process share its pid)."""
-    pid = _integer(name[len(prefix) :])
+    pid = decimal_id(name[len(prefix) :])
     if pid is None or pid <= 0 or pid == os.getpid() or len(name) >= MAX_INSTANCE_NAME:
         return False  # (a name cut to the maximum may have lost digits)
     try:

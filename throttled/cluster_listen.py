@@ -1,7 +1,7 @@
 """The cluster's LISTEN/NOTIFY channel as an instance hears it: the listener (a base of Cluster,
 throttled/cluster.py) that wakes the heartbeat on the others' announcements and passes work
 notifications on to on_work, and the work notifications' format: built by Cluster.route()
-(_work_payload), parsed here (queue and portal ids bounded to a bigint, _integer).
+(work_payload), parsed here (queue and portal ids bounded to a bigint, decimal_id).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class Listener(Leases):
         work = doc.get("work")
         if isinstance(work, dict):
             for key, ids in work.items():
-                portal = _integer(key)
+                portal = decimal_id(key)
                 if portal is not None and self.owns(portal) and isinstance(ids, list):
                     queue_ids += [i for i in ids if type(i) is int and 0 < i <= MAX_ID]
         named = doc.get("portals")
@@ -100,7 +100,7 @@ class Listener(Leases):
             self._wake.set()  # portals were left without an owner: take them if there is room
 
 
-def _work_payload(instance_id: str, work: Mapping[int, Collection[int]], *, wake: bool) -> str:
+def work_payload(instance_id: str, work: Mapping[int, Collection[int]], *, wake: bool) -> str:
     """A work notification: queue ids by portal; if that is too long, the portals alone; if
     that is too, every portal (the owners look at all theirs)."""
     base: dict[str, Any] = {"instance": instance_id, "event": "work"}
@@ -117,7 +117,7 @@ def _work_payload(instance_id: str, work: Mapping[int, Collection[int]], *, wake
     return json.dumps(base | {"all": True}, separators=(",", ":"))
 
 
-def _integer(text: object) -> int | None:
+def decimal_id(text: object) -> int | None:
     """A portal id as a JSON object key (decimal digits), else None."""
     if isinstance(text, str) and text.isascii() and text.isdigit() and len(text) <= 19:
         return int(text)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from throttled.aio import Outage, wait_event
+from throttled.aio import Outage, in_steps, wait_event
 from throttled.db.repository import DatabaseError, Repository
 from throttled.drain.dispatcher import Dispatcher
 from throttled.drain.queue_loop import SPAWN_SLICE
@@ -211,9 +211,7 @@ class Handover:
             reclaimed=reclaimed,
             seeded_requests=sum(len(v) for v in requests.values()),
         )
-        for k, queue in enumerate(queues):  # (taken over: work that comes now runs at once)
-            if k and k % SPAWN_SLICE == 0:
-                await asyncio.sleep(0)  # (see SPAWN_SLICE)
+        async for queue in in_steps(queues, SPAWN_SLICE):  # (work that comes now runs at once)
             sup.kick(queue, held=True)
 
     def _run_deferred(self, portals: set[int]) -> None:

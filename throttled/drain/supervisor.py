@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 import structlog
 
 from throttled import rates
-from throttled.aio import Outage, wait_event
+from throttled.aio import Outage, in_steps, wait_event
 from throttled.db.repository import (
     ClaimedAction,
     DatabaseError,
@@ -416,9 +416,8 @@ class Supervisor:
             try:
                 async with asyncio.TaskGroup() as group:
                     self._group = group
-                    for k, (queue_id, signals) in enumerate(list(self._signals.items())):
-                        if k and k % SPAWN_SLICE == 0:
-                            await asyncio.sleep(0)  # (see SPAWN_SLICE)
+                    waiting = list(self._signals.items())
+                    async for queue_id, signals in in_steps(waiting, SPAWN_SLICE):
                         if self._signals.get(queue_id) is signals and queue_id not in self._tasks:
                             self._spawn(self.queues[queue_id], signals)
                     await stop.wait()
