@@ -384,10 +384,14 @@ class Supervisor:
                 self.queues.pop(queue.id, None)
             raise
         for row in rows:
-            queue = self.queues[row.id]
-            self.kick(queue, urgent=True)
+            known = self.queues.get(row.id)
+            if known is None:  # forgotten while this load awaited (another load's failure, a
+                self._unknown.add(row.id)  # take-over's): loaded again, with its rate log
+                self._load_wake.set()
+                continue
+            self.kick(known, urgent=True)
             if self.handover is not None:
-                self.handover.note(queue)
+                self.handover.note(known)
 
     async def _load(self, stop: asyncio.Event) -> None:
         outage = Outage("scheduler", "scheduler_db_error")
