@@ -294,7 +294,9 @@ async def test_rows_of_a_claim_whose_answer_was_lost_are_released_and_sent(
 
         await until(daemon, sleeping)
         proxy.cut()  # while the claim sleeps in its trigger: its answer will be lost
-        await until(daemon, lambda: not sleeping())
-        assert states(db, [payload["callbackId"]]) == {payload["callbackId"]: "claimed"}
+        # The sleep ending is not the commit (the backend commits a moment later), so wait for
+        # the row's state; nothing but that claim can write it while the proxy is cut.
+        claimed = {payload["callbackId"]: "claimed"}
+        await until(daemon, lambda: states(db, [payload["callbackId"]]) == claimed)
         proxy.restore()
         await until(daemon, lambda: payload["callbackId"] in fake_hubspot.completed, RESUME_WAIT_S)

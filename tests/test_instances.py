@@ -179,6 +179,22 @@ async def db_states(db_url: str, ids: list[str]) -> dict[str, int]:
     return dict(rows)
 
 
+async def settled_states(db_url: str, ids: list[str], timeout: float = 20) -> dict[str, int]:
+    """db_states once every one of these actions is stored done, or at the timeout (for the
+    failure's message): the result writer stores a batch a moment after HubSpot answered it,
+    so a test that saw the fake complete everything must not read the states at once."""
+    states: dict[str, int] = {}
+
+    async def all_done() -> bool:
+        nonlocal states
+        states = await db_states(db_url, ids)
+        return states == {"done": len(ids)}
+
+    with contextlib.suppress(AssertionError):
+        await eventually(all_done, timeout)
+    return states
+
+
 @contextlib.asynccontextmanager
 async def draining(
     db_url: str,

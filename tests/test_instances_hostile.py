@@ -38,6 +38,7 @@ from tests.test_instances import (
     post_all,
     sections,
     send_times,
+    settled_states,
 )
 from throttled import config as config_module
 from throttled.cluster import Cluster
@@ -283,7 +284,7 @@ async def test_an_outage_at_the_owner_sends_nothing_twice_that_it_started_after_
             assert all(stopped_at[p] - cut_at < lease_s / 3 for p in doomed), (cut_at, stopped_at)
             # (resumed once the database was back: its next heartbeat renewed what it holds)
             await wait_for(lambda: not a.runtime.cluster.suspended, timeout=60)
-            states = await db_states(db_url, ids)
+            states = await settled_states(db_url, ids)
     portal_of = {p["callbackId"]: p["origin"]["portalId"] for p in payloads}
     twice = {i: at for i, at in send_times(budgeted_hubspot).items() if len(at) > 1}
     late = {
@@ -547,7 +548,7 @@ async def test_rapid_start_stop_churn_of_three_instances(db_url, budgeted_hubspo
                 name = step[1:]
                 await (up(name) if step[0] == "+" else down(name))
             await drained(budgeted_hubspot, payloads, timeout=90)
-            states = await db_states(db_url, ids)
+            states = await settled_states(db_url, ids)
     finally:
         for name in list(stacks):
             await down(name)
