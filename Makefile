@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= throttled.dev.toml
 
-.PHONY: run test lint fmt venv demo bench clean
+.PHONY: run test lint fmt venv demo bench faults clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,12 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fault suite in full (tests/faults/: more tries and longer outages than `make test`
+# runs); its figures go to var/faults.json (docs/reliability.md quotes them).
+faults: venv
+	THROTTLED_FAULTS=full THROTTLED_FAULTS_REPORT=var/faults.json \
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/faults $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check throttled tests $(wildcard bench)

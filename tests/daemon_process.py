@@ -220,6 +220,7 @@ class Outcome:
 
     callback_id: str
     started: float  # time.time() just before the request was sent
+    finished: float  # time.time() once the answer (or the failure) was in
     status: int | None  # None: connection error / no answer
     retry_after: str | None
     body: Any
@@ -249,6 +250,7 @@ async def post_signed(
             return Outcome(
                 callback_id=payload["callbackId"],
                 started=started,
+                finished=time.time(),
                 status=resp.status,
                 retry_after=resp.headers.get("Retry-After"),
                 body=doc,
@@ -258,6 +260,7 @@ async def post_signed(
         return Outcome(
             callback_id=payload["callbackId"],
             started=started,
+            finished=time.time(),
             status=None,
             retry_after=None,
             body=None,

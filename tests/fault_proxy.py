@@ -7,8 +7,12 @@ applying to the connections already relayed and to new ones:
 
 - `latency(s)`: every chunk is held `s` seconds before it is passed on (each direction keeps
   its order);
-- `blackhole()`: connections are accepted and kept, and nothing is passed on either way (a
-  partition: the peer waits for an answer that never comes, until its own timeout);
+- `partition()`: connections are accepted and kept, and what is sent on them is held until
+  the fault ends, then delivered (a network partition, as TCP sees one: the peer waits for
+  an answer, and gets it once the network is back if it has not given up meanwhile);
+- `blackhole()`: connections are accepted and kept, and nothing is passed on either way,
+  ever (a hung server, or a middlebox that drops a flow: the peer waits until its own
+  timeout);
 - `reset()`: every relayed connection is reset (RST), and new ones are reset on arrival (the
   server or the host is down);
 - `cut_after(n)`: a connection is reset after `n` bytes have gone to the target on it (a
@@ -33,6 +37,7 @@ CHUNK = 1 << 16
 class _Fault:
     latency_s: float = 0.0
     blackhole: bool = False
+    partition: bool = False
     reset: bool = False
     cut_after: int | None = None  # bytes to the target per connection, then reset
 
@@ -47,6 +52,7 @@ class FaultProxy:
         self._open: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
         self._fault = _Fault()
+        self._healed = asyncio.Event()
         self.port = 0
         self.accepted = 0  # connections that arrived
         self.refused = 0  # connections reset on arrival
@@ -57,7 +63,7 @@ class FaultProxy:
     @property
     def up(self) -> bool:
         """Whether connections are relayed (no reset or blackhole in force)."""
-        return not (self._fault.reset or self._fault.blackhole)
+        return not (self._fault.reset or self._fault.blackhole or self._fault.partition)
 
     def latency(self, seconds: float) -> None:
         """Hold every chunk `seconds` before passing it on."""
@@ -66,6 +72,11 @@ class FaultProxy:
     def blackhole(self) -> None:
         """Keep every connection and pass nothing on."""
         self._fault.blackhole = True
+
+    def partition(self) -> None:
+        """Hold everything sent until healed."""
+        self._fault.partition = True
+        self._healed.clear()
 
     def reset(self) -> None:
         """Reset every relayed connection and every new one."""
@@ -80,8 +91,9 @@ class FaultProxy:
         self._fault.cut_after = max(0, n)
 
     def heal(self) -> None:
-        """No fault: relay normally."""
+        """No fault: relay normally (what a partition held is delivered)."""
         self._fault = _Fault()
+        self._healed.set()
 
     # -- running ----------------------------------------------------------------------------
 
@@ -164,6 +176,8 @@ class FaultProxy:
         """Copy bytes one way under the faults in force; when either side ends, end both."""
         try:
             while data := await source.read(CHUNK):
+                while self._fault.partition:
+                    await self._healed.wait()
                 fault = self._fault
                 if fault.latency_s:
                     await asyncio.sleep(fault.latency_s)

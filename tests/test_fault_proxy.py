@@ -90,6 +90,19 @@ async def test_a_blackhole_keeps_connections_and_answers_nothing_until_healed():
         late_writer.close()
 
 
+async def test_a_partition_holds_what_is_sent_until_healed_then_delivers_it():
+    async with echo_behind_proxy() as proxy:
+        reader, writer = await connect(proxy)
+        proxy.partition()
+        assert not proxy.up
+        writer.write(b"held")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.read(10), 0.3)
+        proxy.heal()
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"held"
+        writer.close()
+
+
 async def test_a_reset_breaks_relayed_connections_and_refuses_new_ones():
     async with echo_behind_proxy() as proxy:
         reader, writer = await connect(proxy)

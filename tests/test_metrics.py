@@ -55,6 +55,7 @@ NEW = {
     "throttled_portal_actions_age_seconds": "gauge",
     "throttled_hubspot_rate_limit_remaining": "gauge",
     "throttled_request_charges_moved_total": "counter",
+    "throttled_ingest_commit_timeouts_total": "counter",
 }
 
 

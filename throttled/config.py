@@ -106,6 +106,7 @@ class DatabaseConfig:
     pool_max: int = _num(10, 2, 1000)
     auto_migrate: bool = False
     connect_timeout_s: float = _num(5.0, 0.1, 300)
+    command_timeout_s: float = _num(30.0, 1, 3600)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +178,7 @@ class SenderConfig:
     batch_size: int = _num(100, 1, 100)
     portal_requests: int = _num(100, 1, 100_000)
     portal_interval_seconds: float = _num(10.0, 0.1, 86400)
+    daily_limit_wait_s: float = _num(3600.0, 1, 86400)
     max_attempts: int = _num(10, 1, 1000)
     backoff_base_s: float = _num(1.0, 0.01, 3600)
     backoff_max_s: float = _num(300.0, 0.01, 86400)
@@ -198,6 +200,7 @@ class IngestConfig:
     overlap_ms: float = _num(1.5, 0, 100)
     flushers: int = _num(2, 1, 64)
     retry_after_s: int = _num(5, 1, 3600)
+    commit_timeout_s: float = _num(5.0, 0.1, 120)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -318,6 +321,15 @@ def ranges() -> dict[str, Range]:
     }
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _name(name: str) -> str:
+    """A section, key or variable name nobody declared, for a message: as it is when plain,
+    else quoted and cut short (it may hold a newline or a control character, or be long)."""
+    return name if _PLAIN_NAME.fullmatch(name) else brief(name)
+
+
 def brief(value: object) -> str:
     """A config value's repr for a message, cut short."""
     return rates.brief(value, 40)
@@ -394,12 +406,13 @@ ADMIN_CREDENTIAL = ADMIN_ENV[len("THROTTLED_") :].lower()
 
 def credential_names() -> dict[str, tuple[str, str]]:
     """Each credential name that sets a key, with its (section, key): the secret keys."""
-    return {
-        f"{name}_{f.name}": (name, f.name)
-        for name, cls in sections().items()
-        for f in dataclasses.fields(cls)
-        if typing.get_type_hints(cls)[f.name] in (Secret, tuple[Secret, ...])
-    }
+    names: dict[str, tuple[str, str]] = {}
+    for name, cls in sections().items():
+        hints = typing.get_type_hints(cls)  # (once a section: it is not cheap)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] in (Secret, tuple[Secret, ...]):
+                names[f"{name}_{f.name}"] = (name, f.name)
+    return names
 
 
 def _credentials(environ: Mapping[str, str]) -> dict[str, str]:
@@ -500,10 +513,12 @@ def _env_target(name: str) -> tuple[str, str]:
     known = sections()
     section = next((s for s in known if rest.startswith(s + "_")), "")
     if not section:
-        raise ConfigError(f"environment variable {name}: unknown config section")
+        raise ConfigError(f"environment variable {_name(name)}: unknown config section")
     key = rest[len(section) + 1 :]
     if key not in {f.name for f in dataclasses.fields(known[section])}:
-        raise ConfigError(f"environment variable {name}: unknown config key {section}.{key}")
+        raise ConfigError(
+            f"environment variable {_name(name)}: unknown config key {section}.{_name(key)}"
+        )
     return section, key
 
 
@@ -524,7 +539,7 @@ def from_mapping(raw: Mapping[str, Any], *, source: str = "(mapping)") -> Config
     known = sections()
     for name, value in raw.items():
         if name not in known:
-            raise ConfigError(f"unknown config section [{name}]")
+            raise ConfigError(f"unknown config section [{_name(name)}]")
         if not isinstance(value, Mapping):
             raise ConfigError(f"{name}: must be a table, e.g. [{name}]")
         kwargs[name] = _build_section(known[name], value, name)
@@ -537,7 +552,7 @@ def _build_section(cls: type[Any], values: Mapping[str, Any], section: str) -> A
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"unknown config key {section}.{key}")
+            raise ConfigError(f"unknown config key {section}.{_name(key)}")
         where = f"{section}.{key}"
         if isinstance(value, _EnvText):
             where += f" (from {value.variable})"

@@ -170,6 +170,7 @@ async def serve(
                 min_size=config.database.pool_min,
                 max_size=config.database.pool_max,
                 timeout=config.database.connect_timeout_s,
+                command_timeout=config.database.command_timeout_s,
             )
         )
         session = await stack.enter_async_context(
@@ -291,6 +292,7 @@ async def _assemble(
         flushers=config.ingest.flushers,
         linger_s=config.ingest.linger_ms / 1000,
         overlap_s=config.ingest.overlap_ms / 1000,
+        commit_timeout_s=config.ingest.commit_timeout_s,
         on_stored=scheduler.notify,
     )
     secrets = signing_secrets(config)

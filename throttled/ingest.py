@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -18,6 +19,8 @@ from throttled.db.repository import (
 )
 
 log = structlog.get_logger(__name__)
+
+ABANDON_GRACE_S = 2.0  # a commit cancelled at the shutdown timeout may still answer this long
 
 
 class Overloaded(Exception):
@@ -48,6 +51,7 @@ class Ingest:
         flushers: int,
         linger_s: float = 0.0,
         overlap_s: float = 0.0,
+        commit_timeout_s: float | None = None,
         on_stored: Callable[[set[int], list[QueueRow]], None] = lambda _ids, _changed: None,
         clock: Callable[[], float] | None = None,
     ) -> None:
@@ -57,6 +61,7 @@ class Ingest:
         self._flushers = flushers
         self._linger_s = linger_s
         self._overlap_s = overlap_s
+        self._commit_timeout_s = commit_timeout_s
         self._in_flight = 0  # group commits under way
         self._started = 0.0  # when the latest of them began (by its clock)
         self._on_stored = on_stored
@@ -75,7 +80,10 @@ class Ingest:
         return len(self._items)
 
     async def submit(self, action: NewAction) -> None:
-        """Return once the action's row is committed; raise Overloaded, Stopping or DB errors."""
+        """Return once the action's row is committed; raise Overloaded, Stopping or DB errors.
+        Past the commit timeout (a database that takes statements and answers nothing, say)
+        raise DatabaseUnavailable: the row is dropped if no commit has taken it yet, and may
+        still be stored if one has (HubSpot's retry is then a duplicate, answered as one)."""
         if self._closed:
             raise Stopping()
         if len(self._items) >= self._max_pending:
@@ -84,7 +92,18 @@ class Ingest:
         self._items.append(item)
         self._wake.set()
         # Cancelled (client gone)? The row is still committed; HubSpot's retry gets a duplicate.
-        await item.done
+        if self._commit_timeout_s is None:
+            await item.done
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(item.done), self._commit_timeout_s)
+        except TimeoutError:
+            with contextlib.suppress(ValueError):
+                self._items.remove(item)  # (not taken by a commit yet: never written)
+            metrics.INGEST_TIMEOUTS.inc()
+            raise DatabaseUnavailable(
+                f"no commit within {self._commit_timeout_s:g} s (ingest.commit_timeout_s)"
+            ) from None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run the flushers until `stop`, then commit whatever is buffered."""
@@ -121,13 +140,29 @@ class Ingest:
                 try:
                     writer = await asyncio.shield(commit)
                 except asyncio.CancelledError:
-                    writer = await commit  # its submitters get their answer; then stop
+                    writer = await self._abandon(commit, batch)
                     raise
                 finally:
                     self._in_flight -= 1
         finally:
             if writer is not None:
                 await writer.give_back()
+
+    async def _abandon(
+        self, commit: asyncio.Future[Repository | None], batch: list[_Item]
+    ) -> Repository | None:
+        """Cancelled mid-commit (stopping past the shutdown timeout): give the commit a moment
+        to answer its submitters; past it, answer them 503 (nothing was acknowledged) and drop
+        its connection, which is in the middle of a statement (the pool's close ends it).
+        The connection to give back, if the commit ended."""
+        await asyncio.wait([commit], timeout=ABANDON_GRACE_S)
+        if not commit.done():
+            commit.cancel()
+            _settle(batch, Stopping())
+            return None
+        if commit.cancelled() or commit.exception() is not None:
+            return None
+        return commit.result()
 
     def _join_wait(self, now: float) -> float:
         """How long to wait before a commit beside one under way (<= 0: start now). One joins

@@ -286,6 +286,10 @@ INGEST_BATCH = Histogram(
     "Actions per group commit.",
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
 )
+INGEST_TIMEOUTS = Counter(
+    "throttled_ingest_commit_timeouts_total",
+    "Actions answered 503 because no commit stored them within ingest.commit_timeout_s.",
+)
 INGEST_COMMIT = Histogram(
     "throttled_ingest_commit_seconds",
     "Time to store one group commit.",

@@ -280,7 +280,13 @@ class Repository(OperatorQueries, ClusterQueries):
     @classmethod
     @contextlib.asynccontextmanager
     async def open(
-        cls, url: str, *, min_size: int = 2, max_size: int = 10, timeout: float = 5.0
+        cls,
+        url: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        timeout: float = 5.0,
+        command_timeout: float = 60.0,
     ) -> AsyncIterator[Repository]:
         """Open a pool for the life of the block."""
         with translate_errors():
@@ -289,7 +295,7 @@ class Repository(OperatorQueries, ClusterQueries):
                 min_size=min_size,
                 max_size=max_size,
                 timeout=timeout,
-                command_timeout=60,
+                command_timeout=command_timeout,
                 init=_init_connection,
                 reset=_keep_session,
             )

@@ -64,7 +64,11 @@ class Judge:
         return self.failure(rows, at, now, reason)
 
     def _rate_limited(self, rows: Rows, at: float, now: float, result: CompletionResult) -> Outcome:
-        waits = (result.retry_after_s, result.rate_interval_s)
+        waits: tuple[float | None, ...]
+        if result.policy_name == "DAILY":  # (the burst window's headers say nothing of it)
+            waits = (result.retry_after_s, self._d.config.daily_limit_wait_s)
+        else:
+            waits = (result.retry_after_s, result.rate_interval_s)
         wait = next((w for w in waits if w is not None), self._d.config.portal_interval_seconds)
         self._pause(now + wait)
         log.warning(

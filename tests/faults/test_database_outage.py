@@ -1,0 +1,89 @@
+"""Fault 3: PostgreSQL unreachable under ingest load, then back.
+
+The daemon (a real process) reaches PostgreSQL through the fault proxy, which either resets
+every connection and refuses new ones (the server stopped: what a client sees of it) or
+holds everything until the end (a network partition: nothing comes back meanwhile). While
+it lasts every answer is a 503 with Retry-After, never a 500 and never a 200 that was not
+committed; within 5 s of its end every request is acknowledged again; nothing acknowledged is
+lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.conftest import action_payload
+from tests.daemon_process import fire, query
+from tests.faults.conftest import Daemons, connect, scale
+from tests.pg_proxy import pg_proxy
+from throttled.hubspot.fake import FakeHubSpot
+
+PORTAL = 62515
+BACK_WITHIN_S = 5.0  # the issue's bound for "back to normal"
+
+
+@pytest.mark.parametrize("fault", ["reset", "partition"])
+@pytest.mark.timeout(scale(120, 300))
+async def test_a_database_outage_under_load_is_503s_then_back_within_5_s(
+    daemons: Daemons, fake_hubspot: FakeHubSpot, db_url: str, record: Any, fault: str
+) -> None:
+    outage_s = scale(7, 30)  # (longer than ingest.commit_timeout_s: 5 s)
+    async with pg_proxy(db_url) as proxy:
+        daemon = daemons(db_url_=proxy.url_for(db_url))
+        await connect(daemon, fake_hubspot, PORTAL)
+        await daemon.start()
+        stop = threading.Event()
+        load = asyncio.create_task(
+            fire(daemon.url, lambda: action_payload(portal_id=PORTAL), stop, concurrency=10)
+        )
+        try:
+            await asyncio.sleep(1.0)  # under load
+            down_at = time.time()
+            getattr(proxy, fault)()
+            await asyncio.sleep(outage_s)
+            up_at = time.time()
+            proxy.heal()
+            await asyncio.sleep(BACK_WITHIN_S + 3.0)
+        finally:
+            stop.set()
+            outcomes = await load
+        daemon.send_signal(signal.SIGTERM)
+        code = await daemon.wait(60)
+
+    acknowledged = {o.callback_id for o in outcomes if o.status == 200}
+    [(stored,)] = await query(
+        db_url, "SELECT count(*) FROM actions WHERE callback_id = ANY(%s)", sorted(acknowledged)
+    )
+    during = [o for o in outcomes if down_at < o.started and o.finished < up_at]
+    # (a request that began in the outage cannot have been committed before it ended)
+    false_acks = [o for o in during if o.status == 200]
+    after = [o for o in outcomes if o.started > up_at]
+    first_ok = min((o.finished for o in after if o.status == 200), default=None)
+    settled = [o for o in after if o.started > up_at + BACK_WITHIN_S]
+    seen = Counter(str(o.status) if o.status is not None else "no answer" for o in outcomes)
+    record.update(
+        fault=f"database {fault} for {outage_s:g} s under load",
+        requests=len(outcomes),
+        acknowledged=len(acknowledged),
+        lost=len(acknowledged) - int(stored),
+        answers=dict(seen),
+        answers_in_outage=dict(Counter(str(o.status) for o in during)),
+        back_after_s=None if first_ok is None else round(first_ok - up_at, 3),
+    )
+    assert code == 0, daemon.log_tail()
+    assert int(stored) == len(acknowledged), record
+    assert set(seen) <= {"200", "503"}, record  # no 500, and it answered throughout
+    assert false_acks == [], false_acks[:3]
+    assert during, "no request was answered during the outage"
+    assert all(o.status == 503 and o.retry_after for o in during), record
+    assert first_ok is not None, record
+    assert first_ok - up_at <= BACK_WITHIN_S, record
+    assert settled, record
+    assert all(o.status == 200 for o in settled), Counter(o.status for o in settled)
