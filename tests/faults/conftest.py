@@ -67,12 +67,18 @@ Daemons = Callable[..., DaemonProcess]
 async def daemons(tmp_path: Path, db_url: str, fake_hubspot: FakeHubSpot) -> AsyncIterator[Daemons]:
     """Make `throttled serve` children on one config (same database, same key), each with its
     own log; every one still running at the end is killed. `daemons(api_base_url=...,
-    db_url=...)` points a child elsewhere (through a fault proxy, say)."""
+    db_url_=...)` points a child elsewhere (through a fault proxy, say); other keywords are
+    config sections, merged into the defaults."""
     made: list[DaemonProcess] = []
     runs = itertools.count(1)
     key = base64.b64encode(secrets.token_bytes(32)).decode()  # (one for all: same database)
 
-    def make(*, api_base_url: str | None = None, db_url_: str | None = None) -> DaemonProcess:
+    def make(
+        *,
+        api_base_url: str | None = None,
+        db_url_: str | None = None,
+        **sections: dict[str, Any],
+    ) -> DaemonProcess:
         n = next(runs)
         base = api_base_url or fake_hubspot.base_url
         assert base is not None
@@ -80,9 +86,12 @@ async def daemons(tmp_path: Path, db_url: str, fake_hubspot: FakeHubSpot) -> Asy
             tmp_path / f"throttled-{n}.toml",
             db_url=db_url_ or db_url,
             api_base_url=base,
-            server={"shutdown_timeout_s": 15.0},
-            security={"encryption_key": key},
-            sender={"send_margin_ms": SEND_MARGIN_MS},
+            **{
+                **sections,
+                "server": {"shutdown_timeout_s": 15.0, **sections.get("server", {})},
+                "security": {"encryption_key": key},
+                "sender": {"send_margin_ms": SEND_MARGIN_MS, **sections.get("sender", {})},
+            },
         )
         proc = DaemonProcess(config_path, public_url, tmp_path / f"serve-{n}.log")
         made.append(proc)

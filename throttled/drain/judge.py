@@ -10,7 +10,8 @@ Outcome (outcomes.py) for the result writer:
 - 400: a batch is bisected to find the rows HubSpot rejects; a single row fails for good;
 - anything else (5xx, a network error, the last 401s): a counted failure, each row retried
   with backoff (held for a while every `hold_after_failures` failures) or, once it has used
-  its attempts, failed with the reason.
+  its attempts, failed with the reason; and the portal paused for a backoff that grows
+  with the requests failed in a row (HubSpot down: one probe a backoff, not a flood).
 
 Every request that went out, answered or not, keeps its place in the rate log (`sends`).
 """
@@ -46,6 +47,7 @@ class Judge:
         self._pause = pause  # stop the portal's sends until an instant (a 429)
         self._refused_token: str | None = None  # the last token HubSpot answered 401 to
         self._refused_tokens = 0  # different tokens refused in a row
+        self._failing = 0  # requests failed in a row (5xx, no answer): the portal backs off
 
     def judge(self, rows: Rows, at: float, result: CompletionResult, token: str) -> Outcome:
         """The outcome of a request of `rows`, charged at `at`, sent with `token`."""
@@ -53,6 +55,7 @@ class Judge:
         if result.ok:
             metrics.COMPLETED.inc(len(rows))
             self._refused_tokens = 0
+            self._failing = 0
             return Outcome(done=[(r, at) for _, r in rows])
         if result.status == 429:
             return self._rate_limited(rows, at, now, result)
@@ -61,6 +64,10 @@ class Judge:
         if result.status == 400:
             return self._rejected(rows, at, result)
         reason = f"{result.status or 'network'} {result.message}".strip()
+        # HubSpot failing (an outage, a timeout) fails every request alike: the portal backs
+        # off as a whole, so an outage costs one request a backoff, not the rows' attempts.
+        self._failing += 1
+        self._pause(now + self._d.backoff(self._failing))
         return self.failure(rows, at, now, reason)
 
     def _rate_limited(self, rows: Rows, at: float, now: float, result: CompletionResult) -> Outcome:

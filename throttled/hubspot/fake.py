@@ -227,6 +227,7 @@ class FakeHubSpot:
         self._tokens: dict[str, _Token] = {}
         self._generation = 0
         self._faults: deque[_Fault] = deque()
+        self._outage: _Fault | None = None  # while set, every callbacks request gets it
         self._token_faults: deque[_Fault] = deque()
         self._rejected: set[str] = set()
         self._windows: dict[int, deque[float]] = {}
@@ -347,6 +348,17 @@ class FakeHubSpot:
         """Answer the next `count` callbacks requests with `status`, after earlier faults."""
         self._faults.extend([_make_fault(status, retry_after, policy_name)] * count)
 
+    def fail_all(
+        self,
+        status: int | None,
+        *,
+        retry_after: float | None = None,
+        policy_name: str | None = None,
+    ) -> None:
+        """Answer every callbacks request with `status` from now on (an outage at HubSpot),
+        before any fault queued by fail_next; None ends it."""
+        self._outage = None if status is None else _make_fault(status, retry_after, policy_name)
+
     def fail_token_next(
         self, status: int, count: int = 1, *, retry_after: float | None = None
     ) -> None:
@@ -392,7 +404,7 @@ class FakeHubSpot:
         if portal_id is not None:
             used = self._count(portal_id, at)
             daily = self._daily[portal_id] = self._daily.get(portal_id, 0) + 1
-        fault = self._faults.popleft() if self._faults else None
+        fault = self._outage or (self._faults.popleft() if self._faults else None)
         return _Arrival(
             at=at, portal_id=portal_id, auth_category=category, fault=fault, used=used, daily=daily
         )

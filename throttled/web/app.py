@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import hdrs, web
-from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
@@ -33,11 +32,13 @@ from throttled.web import (
 )
 from throttled.web.admin import admin_only
 from throttled.web.services import (
+    BODY_ERRORS,
     ERROR_CODE,
     SERVICES,
     Services,
     clip,
     error,
+    invalid_body,
     storage_unavailable,
 )
 
@@ -53,9 +54,6 @@ def signed_uri(request: web.Request, public_url: str) -> str:
     return f"{request.scheme}://{request.host}{request.raw_path}"
 
 
-# What a body read raises when the bytes are not a valid message body: a broken chunked
-# encoding, a connection that closed before the end.
-_BODY_ERRORS = (web.RequestPayloadError, HttpProcessingError, ConnectionError)
 # The content codings the action endpoint decodes itself (aiohttp's decoding is off: it
 # reported bad data as an exception from the body read, br or zstd as a plain-text 400 from
 # its parser, and it does not notice a stream cut short), and the "no coding" ones.
@@ -89,8 +87,8 @@ async def _answer_action(request: web.Request) -> web.StreamResponse:
                 if isinstance(read, web.Response):
                     return read
                 body = read
-        except _BODY_ERRORS as exc:
-            return _invalid_body(request, exc)
+        except BODY_ERRORS as exc:
+            return invalid_body(request, exc)
         if len(body) > cfg.ingest.max_body_bytes:  # (sent chunked)
             return _too_large(cfg.ingest.max_body_bytes)
         coding = request.headers.get(hdrs.CONTENT_ENCODING)
@@ -183,19 +181,6 @@ def _decode(body: bytes, coding: str, limit: int) -> bytes | web.Response:
             return decoded
     # not compressed data, a stream cut short, or bytes after its end
     return error(400, "invalid_body", f"the body could not be decoded (Content-Encoding: {coding})")
-
-
-def _invalid_body(request: web.Request, exc: BaseException) -> web.Response:
-    if isinstance(exc, ConnectionError):
-        message = "the connection closed before the whole body was received"
-    else:
-        message = f"the body could not be read ({clip(str(exc), 100)})"
-    response = error(400, "invalid_body", message)
-    response.force_close()  # what follows the broken body cannot be parsed as a request
-    # The parser has given up on this body and feeds it no more. Marked ended, aiohttp does not
-    # try to drain it after the answer (which would raise, and log, the same error again).
-    request.content.feed_eof()
-    return response
 
 
 def _accept(request: web.Request, services: Services, body: bytes) -> NewAction | web.Response:

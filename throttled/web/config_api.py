@@ -32,10 +32,12 @@ from throttled import rates
 from throttled.db.repository import DatabaseError
 from throttled.web.admin import actor
 from throttled.web.services import (
+    BODY_ERRORS,
     SERVICES,
     decode_cursor,
     encode_cursor,
     error,
+    invalid_body,
     storage_unavailable,
 )
 
@@ -207,17 +209,21 @@ async def read_json(request: web.Request) -> Any:
     coding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if coding not in ("identity", ""):
         return error(415, "unsupported_media_type", "admin request bodies must not be compressed")
-    too_large = error(413, "payload_too_large", f"request body exceeds {MAX_BODY_BYTES} bytes")
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+    # (aiohttp reads at most ingest.max_body_bytes, its client_max_size: the lower bound wins)
+    limit = min(MAX_BODY_BYTES, services.config.ingest.max_body_bytes)
+    too_large = error(413, "payload_too_large", f"request body exceeds {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
         return too_large
     try:
         async with asyncio.timeout(services.config.server.body_timeout_s):
-            raw = await request.read()  # (whole; aiohttp bounds it by ingest.max_body_bytes)
+            raw = await request.read()  # (whole, but at most the limit)
     except web.HTTPRequestEntityTooLarge:
         return too_large
     except TimeoutError:
         return error(408, "body_timeout", "the request body did not arrive in time")
-    if len(raw) > MAX_BODY_BYTES:
+    except BODY_ERRORS as exc:  # a broken body, or the client gone before its end
+        return invalid_body(request, exc)
+    if len(raw) > limit:
         return too_large
     try:
         return json.loads(raw, object_pairs_hook=_no_duplicates)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from throttled.config import Config
 from throttled.db.repository import Repository
@@ -72,6 +73,25 @@ def error(status: int, code: str, message: str, **extra: Any) -> web.Response:
         {"error": code, "message": message, **extra}, status=status, headers=headers
     )
     response[ERROR_CODE] = code  # (the action endpoint counts its answers by it)
+    return response
+
+
+# What a body read raises when the bytes are not a valid message body: a broken chunked
+# encoding, a connection that closed before the end.
+BODY_ERRORS = (web.RequestPayloadError, HttpProcessingError, ConnectionError)
+
+
+def invalid_body(request: web.Request, exc: BaseException) -> web.Response:
+    """The 400 for a body that could not be read whole (one of BODY_ERRORS)."""
+    if isinstance(exc, ConnectionError):
+        message = "the connection closed before the whole body was received"
+    else:
+        message = f"the body could not be read ({clip(str(exc), 100)})"
+    response = error(400, "invalid_body", message)
+    response.force_close()  # what follows the broken body cannot be parsed as a request
+    # The parser has given up on this body and feeds it no more. Marked ended, aiohttp does not
+    # try to drain it after the answer (which would raise, and log, the same error again).
+    request.content.feed_eof()
     return response
 
 
