@@ -238,7 +238,14 @@ async def test_maintain_once_runs_every_job_and_counts_what_they_did(daemon_fact
         set_rows(db, ids, "deadline = now() - interval '1 second'")
         before = HOUSEKEEPING.values.get("expiry.expired", 0.0)
         done = await maintain_once(daemon.runtime)
-        assert list(done) == ["expiry", "stale_claims", "retention", "rate_log", "deadlines"]
+        assert list(done) == [
+            "expiry",
+            "stale_claims",
+            "retention",
+            "rate_log",
+            "deadlines",
+            "idle_queues",
+        ]
         assert done["expiry"] == {"expired": 2}
         assert HOUSEKEEPING.values.get("expiry.expired", 0.0) == before + 2
         assert list(await maintain_once(daemon.runtime, full=False)) == ["expiry"]

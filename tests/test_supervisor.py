@@ -18,6 +18,7 @@ from throttled import rates
 from throttled.db.repository import Repository
 from throttled.drain import queue_loop
 from throttled.drain.claimer import ANSWER_SLICE, Claimer
+from throttled.drain.supervisor import FORGET_AFTER_S
 from throttled.queues import QueueLimiter, QueueState
 
 PORTAL = 62515
@@ -273,3 +274,47 @@ async def test_a_queue_that_cannot_be_loaded_does_not_hold_up_the_others(
         )
         assert bad not in supervisor.queues
         assert not daemon.task.done()
+
+
+async def test_an_idle_queue_is_forgotten_once_its_log_stops_counting_and_loaded_again_with_it(
+    daemon_factory, fake_hubspot
+):
+    fields = {"maxThroughput": "3", "timeUnit": "minutes"}
+    async with daemon_factory() as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        supervisor = daemon.runtime.scheduler
+        ids = await enqueue(daemon, 2, fields)  # both go at once, within the minute's three
+        await wait_for(lambda: done(fake_hubspot, ids) == 2)
+        await wait_for(lambda: not supervisor.running)  # (it asked for three, got two: idle)
+        (queue_id,) = supervisor.queues
+        now = supervisor.clock()
+        assert await supervisor.forget_idle(now) == 0  # its sends count for a minute yet
+        assert queue_id in supervisor.queues
+        # As if the minute and the grace had passed: forgotten (and the memory with it).
+        assert await supervisor.forget_idle(now + 60.0 + FORGET_AFTER_S) == 1
+        assert supervisor.queues == {}
+        # Work for it again, within the real minute: it is loaded with its rate log from the
+        # database, which holds the two sends, so of two more only one may go now.
+        more = await enqueue(daemon, 2, fields)
+        await wait_for(lambda: done(fake_hubspot, more) == 1)
+        assert supervisor.queues[queue_id].limiter.window_count(supervisor.clock()) == 3
+        await asyncio.sleep(1.0)  # (ample for a send that was not held back)
+        assert done(fake_hubspot, more) == 1
+        assert supervisor.running == frozenset({queue_id})  # sleeping until the slot
+
+
+async def test_a_queue_with_work_or_paused_is_never_forgotten(daemon_factory, fake_hubspot):
+    async with daemon_factory(**ADMIN) as daemon:
+        await daemon.connect_portal(fake_hubspot, PORTAL)
+        supervisor = daemon.runtime.scheduler
+        ids = await enqueue(daemon, 3, {"maxThroughput": "1", "timeUnit": "minutes"})
+        await wait_for(lambda: done(fake_hubspot, ids) == 1)
+        (queue_id,) = supervisor.queues
+        far = supervisor.clock() + 86_400.0
+        assert await supervisor.forget_idle(far) == 0  # a coroutine waits for its slot
+        key = supervisor.queues[queue_id].key
+        status, _ = await call(daemon, "POST", key_path(key) + "/pause")
+        assert status == 200
+        await wait_for(lambda: not supervisor.running)
+        assert await supervisor.forget_idle(far) == 0  # paused: kept
+        assert queue_id in supervisor.queues

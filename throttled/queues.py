@@ -20,6 +20,8 @@ class QueueLimiter(rates.Limiter):
     queue (nothing is released, its actions wait, pending) and is reported, instead of
     raising into the scheduler, a sender or maintenance. A new policy ends the hold."""
 
+    __slots__ = ("fault", "key")
+
     def __init__(self, policy: rates.RatePolicy | None, *, key: str) -> None:
         super().__init__(policy or _PLACEHOLDER)
         self.key = key
@@ -102,12 +104,6 @@ class QueueState:
     limiter: QueueLimiter
     stored_policy: dict[str, Any]
     override: dict[str, Any] | None = None
-    in_sender: int = 0  # claimed rows the sender holds, not yet dispatched
-    active: bool = False  # may have claimable rows
-    generation: int = 0  # bumped on every notification; a claim that raced one stays active
-    held_until: float | None = None  # earliest retry backoff known to be pending
-    next_at: float = float("inf")  # earliest claim time in the scheduler's heap
-    claiming: bool = False  # a claim statement for this queue is in flight
     sent: int = 0
     paused: bool = False  # an operator holds it: nothing is claimed, nothing kept in a sender
     releasing: bool = False  # rows an operator released (fail-pending) wait to be completed

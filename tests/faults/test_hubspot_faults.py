@@ -91,7 +91,7 @@ async def test_hubspot_500s_then_timeouts_lose_nothing_and_burst_nothing_after(
     daemons: Daemons, budgeted_hubspot: FakeHubSpot, db_url: str, record: Any
 ) -> None:
     fake = budgeted_hubspot
-    outage_s = scale(8, 60)
+    outage_s = scale(6, 60)
     payloads = backlog(per_queue=int(RATE * (outage_s + 6)))
     ids = [p["callbackId"] for p in payloads]
     assert fake.base_url is not None
@@ -137,7 +137,7 @@ async def test_hubspot_429s_with_and_without_retry_after_fail_nothing(
     daemons: Daemons, budgeted_hubspot: FakeHubSpot, db_url: str, record: Any
 ) -> None:
     fake = budgeted_hubspot
-    phase_s = scale(3, 20)
+    phase_s = scale(2, 20)
     payloads = backlog(per_queue=int(RATE * (3 * phase_s + 20)))
     ids = [p["callbackId"] for p in payloads]
     daemon = daemons(api_base_url=fake.base_url, sender=SENDER)
@@ -212,3 +212,67 @@ async def test_a_daily_429_holds_the_portal_far_longer(
     assert float(not_before) >= limited_at + daily_wait_s - 1, record
     assert failures == 0, record
     assert "failed" not in record["states"], record
+
+
+@pytest.mark.timeout(scale(120, 300))
+async def test_expired_tokens_a_revoked_portal_and_a_rejected_callback_mid_drain(
+    daemons: Daemons, fake_hubspot: FakeHubSpot, db_url: str, record: Any
+) -> None:
+    """Fault 6. Mid-drain: every access token expires (401: refreshed, resent, uncounted);
+    one callback of a batch is rejected (400: that one fails with HubSpot's reason, the rest
+    of its batch is delivered); a second portal's app is uninstalled (its refresh token
+    refused: the portal is disconnected and its actions wait, uncounted, until it is
+    connected again, then drain)."""
+    fake = fake_hubspot
+    other = PORTAL + 1
+    fields = {"maxThroughput": "20", "timeUnit": "seconds"}
+    first = [
+        action_payload(portal_id=PORTAL, workflow_id=83000, input_fields=fields) for _ in range(60)
+    ]
+    second = [
+        action_payload(portal_id=other, workflow_id=83001, input_fields=fields) for _ in range(60)
+    ]
+    rejected = first[40]["callbackId"]
+    fake.reject_callbacks([rejected])
+    daemon = daemons()
+    await connect(daemon, fake, PORTAL)
+    await connect(daemon, fake, other)
+    await daemon.start()
+    await post_all(daemon, first[:20] + second[:20])
+    await wait_for(lambda: len(fake.completed) >= 20, timeout=30)
+    fake.expire_tokens()
+    fake.revoke_portal(other, access_tokens=True)
+    await post_all(daemon, first[20:] + second[20:])
+    first_ids = {p["callbackId"] for p in first}
+    await wait_for(lambda: first_ids - {rejected} <= fake.completed.keys(), timeout=60)
+    await asyncio.sleep(2.0)  # the disconnected portal's actions keep waiting meanwhile
+    waiting = await states(db_url, [p for p in second if p["callbackId"] not in fake.completed])
+    await connect(daemon, fake, other)  # reconnected (a new refresh token)
+    second_ids = {p["callbackId"] for p in second}
+    await wait_for(lambda: second_ids <= fake.completed.keys(), timeout=60)
+    await stop(daemon)
+    [(state, error)] = await query(
+        db_url, "SELECT state, last_error FROM actions WHERE callback_id = %s", rejected
+    )
+    attempts = await query(
+        db_url,
+        "SELECT max(attempts), max(failures) FROM actions WHERE callback_id = ANY(%s)"
+        " AND state = 'done'",
+        sorted(first_ids | second_ids),
+    )
+    record.update(
+        fault="expired tokens, a revoked portal, a rejected callback",
+        actions=len(first) + len(second),
+        lost=len((first_ids | second_ids) - {rejected} - fake.completed.keys()),
+        rejected_state=state,
+        waiting_while_disconnected=waiting,
+        answered_401=sum(1 for r in fake.received if r.status == 401),
+        max_attempts_failures=list(attempts[0]),
+        states=await states(db_url, first + second),
+    )
+    assert record["lost"] == 0, record
+    assert state == "failed", record
+    assert "400" in (error or ""), error
+    assert set(waiting) <= {"pending"}, waiting  # (nothing failed for a disconnection)
+    assert record["states"] == {"done": len(first) + len(second) - 1, "failed": 1}, record
+    assert record["max_attempts_failures"] == [1, 0], record  # 401s cost no attempt

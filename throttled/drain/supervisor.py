@@ -3,7 +3,9 @@
 Who owns what:
 - The supervisor owns the set of queues it knows (`queues`: identity, policy, limiter,
   paused) and the set of running queue coroutines (their Signals). An idle queue has no
-  coroutine and costs nothing but its entry.
+  coroutine and costs nothing but its entry, until its rate log no longer counts: then
+  housekeeping forgets it (`forget_idle`), and work arriving for it loads it again from the
+  database with its rate log, as at start.
 - A queue's coroutine (queue_loop.drain_queue) owns its progress, as locals: when it wakes,
   what it claims, whether rows may wait out a backoff.
 - The claimer owns the claim statements under way; a portal's sender owns the rows handed to
@@ -46,6 +48,8 @@ from throttled.queues import QueueLimiter, QueueState, safe_policy
 log = structlog.get_logger(__name__)
 
 NEW_QUEUE_SLACK_S = 5.0  # a database clock running ahead of ours
+FORGET_AFTER_S = 60.0  # an idle queue is forgotten this long after its rate log stops counting
+FORGET_SLICE = 5_000  # queues looked at a loop step by forget_idle
 MAX_LOAD_ATTEMPTS = 5  # a queue that cannot be loaded, tried this many times in a row
 
 
@@ -115,6 +119,27 @@ class Supervisor:
     def has_work(self, queue_id: int) -> bool:
         """Whether a queue has a coroutine (or is about to)."""
         return queue_id in self._signals
+
+    async def forget_idle(self, now: float, after_s: float = FORGET_AFTER_S) -> int:
+        """Forget the queues with nothing to do (no coroutine, no rows in a sender, not
+        paused or releasing) whose last send left every window `after_s` ago, a slice a loop
+        step; how many. Work for one later loads it again (notify: unknown), with its rate
+        log from the database, which is then empty of it (or all but): the same state."""
+        quiet_at = now - after_s
+        forgotten = 0
+        async for queue in in_steps(list(self.queues.values()), FORGET_SLICE):
+            if (
+                queue.paused
+                or queue.releasing
+                or self.has_work(queue.id)
+                or self._dispatcher.held_of(queue)
+                or not queue.limiter.quiet_since(quiet_at)
+                or self.queues.get(queue.id) is not queue  # (replaced meanwhile)
+            ):
+                continue
+            del self.queues[queue.id]
+            forgotten += 1
+        return forgotten
 
     def task_of(self, queue_id: int) -> asyncio.Task[None] | None:
         """A queue's coroutine, if it has one now."""

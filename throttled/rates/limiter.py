@@ -35,6 +35,19 @@ def _steps(span: float, step: float) -> int:
 class Limiter:
     """Exact-rate guard for one queue: at most N sends in every window (t - T, t]."""
 
+    __slots__ = (
+        "_even",
+        "_gap",
+        "_last",
+        "_limit",
+        "_log",
+        "_period",
+        "_policy",
+        "_schedule",
+        "_span_cache",
+        "_total",
+    )
+
     # Instants are epoch seconds (floats) and should be non-decreasing. An instant earlier
     # than the latest recorded send gets no allowance: sends are never placed behind the log,
     # because the windows they would join may already be full (or pruned).
@@ -94,6 +107,11 @@ class Limiter:
                 log[i] = (old_at, log[i][1] - taken)
             self._total -= taken
         self.record(max(new_at, old_at), n)
+
+    def quiet_since(self, at: float) -> bool:
+        """Whether no send it recorded can count in any window ending at or after `at` (its
+        log could be dropped and the queue forgotten: nothing of it constrains a send)."""
+        return self._last <= at - self._period
 
     def window_count(self, at: float) -> int:
         """Recorded sends in the window (at - T, at]."""
