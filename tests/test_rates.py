@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from datetime import UTC, date, datetime, time, timedelta, timezone
@@ -836,3 +837,24 @@ def test_count_within_is_what_plan_places(
     span = horizon * policy.period_s
     planned = len(limiter.plan(at, span, max_n))
     assert abs(limiter.count_within(at, span, max_n) - planned) <= 1
+
+
+@pytest.mark.parametrize("pacing", ["window", "even"])
+def test_a_log_that_outgrows_a_list_counts_exactly_as_before(pacing: str) -> None:
+    """A short log is a list and a long one a deque (memory): across the change, and
+    while either is pruned, every window holds what a brute-force count says."""
+    policy = RatePolicy(limit=100, period_s=10.0, pacing=pacing)
+    limiter = Limiter(policy)
+    sent: list[float] = []
+    at = 1_000.0
+    for _ in range(400):  # past _DEQUE_AT entries, then pruned down and grown again
+        at = limiter.earliest(at)
+        limiter.record(at, 1)
+        sent.append(at)
+        for t in (at, at + 3.7, at + 10.0):
+            assert limiter.window_count(t) == sum(1 for e in sent if t - 10.0 < e <= t)
+        at += 0.01 if len(sent) < 200 else 0.2
+    assert isinstance(limiter._log, collections.deque)  # (it did outgrow the list)
+    copy = limiter._copy()
+    assert copy.window_count(at) == limiter.window_count(at)
+    assert copy.earliest(at) == limiter.earliest(at)

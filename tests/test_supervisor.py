@@ -154,7 +154,6 @@ def _states(queue_ids: list[int], policy: rates.RatePolicy) -> list[QueueState]:
             key=f"q{qid}",
             portal_id=PORTAL,
             limiter=QueueLimiter(policy, key=f"q{qid}"),
-            stored_policy=policy.to_json(),
         )
         for qid in queue_ids
     ]

@@ -102,7 +102,6 @@ class QueueState:
     key: str
     portal_id: int
     limiter: QueueLimiter
-    stored_policy: dict[str, Any]
     override: dict[str, Any] | None = None
     sent: int = 0
     paused: bool = False  # an operator holds it: nothing is claimed, nothing kept in a sender
@@ -120,7 +119,6 @@ def release_of(queue: QueueState, state: str) -> QueueState:
         key=queue.key,
         portal_id=queue.portal_id,
         limiter=QueueLimiter(unlimited, key=f"{queue.key} (released)"),
-        stored_policy=unlimited.to_json(),
         complete_as=state,
     )
 

@@ -41,7 +41,6 @@ class Releases:
                 key=row.key,
                 portal_id=row.portal_id,
                 limiter=QueueLimiter(None, key=row.key),
-                stored_policy=row.policy,
             )
             self.releases[row.id] = release_of(owner, FAIL_CONTINUE)
         self._wake.set()

@@ -325,12 +325,11 @@ class Supervisor:
                 key=row.key,
                 portal_id=row.portal_id,
                 limiter=QueueLimiter(policy, key=row.key),
-                stored_policy=row.policy,
                 override=row.override,
             )
             self.queues[row.id] = queue
         else:
-            queue.stored_policy, queue.override = row.policy, row.override
+            queue.override = row.override
             if policy is not None:
                 queue.limiter.set_policy(policy)
         queue.paused, queue.releasing = row.paused, row.releasing

@@ -20,6 +20,12 @@ from throttled.rates.policy import RatePolicy
 from throttled.rates.schedule import _SCAN_DAYS, HORIZON_EPOCH, _utc_floor
 
 _WEEK_S = 7 * 86_400.0
+# A log this long becomes a deque (dropping its oldest entries costs O(1), not a move of the
+# rest); shorter, a list, which costs a tenth of a deque's memory (760 bytes even when empty):
+# most queues hold a few entries, and a daemon knows a hundred thousand queues.
+_DEQUE_AT = 64
+
+_Log = list[tuple[float, int]] | deque[tuple[float, int]]
 _MAX_PLAN_STEPS = 64  # plan(): extra steps allowed beyond one per send (never expected)
 
 
@@ -53,7 +59,7 @@ class Limiter:
     # because the windows they would join may already be full (or pruned).
 
     def __init__(self, policy: RatePolicy) -> None:
-        self._log: deque[tuple[float, int]] = deque()  # (instant, sends), ascending
+        self._log: _Log = []  # (instant, sends), ascending
         self._total = 0  # sends in the log
         self._last = -math.inf  # latest instant ever recorded
         self.set_policy(policy)
@@ -82,6 +88,8 @@ class Limiter:
         log = self._log
         if not log or at > log[-1][0]:
             log.append((at, n))
+            if type(log) is list and len(log) > _DEQUE_AT:
+                self._log = deque(log)
         elif at == log[-1][0]:
             log[-1] = (at, log[-1][1] + n)
         else:
@@ -214,8 +222,16 @@ class Limiter:
     def _prune(self) -> None:
         """Drop entries that no window at or after the latest send can contain."""
         log, cutoff = self._log, self._last - self._period
-        while log and log[0][0] <= cutoff:
-            self._total -= log.popleft()[1]
+        if isinstance(log, deque):
+            while log and log[0][0] <= cutoff:
+                self._total -= log.popleft()[1]
+            return
+        k = 0
+        while k < len(log) and log[k][0] <= cutoff:
+            self._total -= log[k][1]
+            k += 1
+        if k:
+            del log[:k]
 
     @staticmethod
     def _expiry(e: float, period: float) -> float:
@@ -239,7 +255,7 @@ class Limiter:
     def _copy(self) -> Limiter:
         """An independent copy for planning."""
         clone = Limiter(self._policy)
-        clone._log, clone._total, clone._last = deque(self._log), self._total, self._last
+        clone._log, clone._total, clone._last = self._log.copy(), self._total, self._last
         clone._span_cache = self._span_cache
         return clone
 
