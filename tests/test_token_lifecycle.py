@@ -312,3 +312,40 @@ async def test_a_token_shorter_lived_than_the_margin_is_not_refreshed_at_every_c
             cfg_clock.now += 61  # past half its life: refreshed
             assert await tokens.access_token(PORTAL) != first
             assert len(refresh_requests(fake)) == 2
+
+
+async def test_a_portal_connected_or_disconnected_elsewhere_is_taken_up_at_once(
+    daemon_factory, fake_hubspot, db_url
+):
+    """The CLI (another process) connects a portal: the daemon's waiting actions go at once,
+    not at its recheck (sender.disconnected_retry_s, 300 s here); it disconnects it: the
+    daemon stops using the token it holds at once."""
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    sections = {"sender": {"disconnected_retry_s": 300.0}, "security": {"encryption_key": key}}
+    async with (
+        daemon_factory(**sections) as daemon,
+        token_store(db_url, fake_hubspot, "v3", key=key) as elsewhere,
+    ):
+        fake_hubspot.register_portal(PORTAL, "rt-1")
+        first = action_payload(portal_id=PORTAL)
+        assert (await daemon.post_action(first))[0] == 200  # never connected: it waits
+        with psycopg.connect(db_url, autocommit=True) as conn:
+
+            def waiting(callback_id: str) -> bool:
+                row = conn.execute(
+                    "SELECT state, last_error FROM actions WHERE callback_id = %s", (callback_id,)
+                ).fetchone()
+                return row is not None and row[0] == "pending" and (row[1] or "").startswith(
+                    "waiting"
+                )
+
+            await wait_for(lambda: waiting(first["callbackId"]))
+            await elsewhere.connect(PORTAL, "rt-1")
+            await wait_for(lambda: first["callbackId"] in fake_hubspot.completed)
+            applied = daemon.runtime.watcher.applied
+            await elsewhere.disconnect(PORTAL, "by the CLI", revoke=False)
+            await wait_for(lambda: daemon.runtime.watcher.applied > applied)
+            second = action_payload(portal_id=PORTAL)
+            assert (await daemon.post_action(second))[0] == 200
+            await wait_for(lambda: waiting(second["callbackId"]))
+            assert second["callbackId"] not in fake_hubspot.completed

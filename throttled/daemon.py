@@ -304,6 +304,7 @@ async def _assemble(
 
     tokens.on_connected = wake
     steering = Steering(repo, intake, scheduler=scheduler)
+    steering.on_portal = tokens.reread
     services = Services(
         config=config,
         repo=repo,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -95,6 +95,8 @@ class Steering:
         self.scheduler = scheduler
         self.lock = asyncio.Lock()  # one change at a time: memory and database end the same
         self.own_versions: set[int] = set()  # changes made here, already taken up
+        # A portal connected or disconnected elsewhere (the daemon's token store's reread)
+        self.on_portal: Callable[[int], Awaitable[None]] | None = None
 
     async def find_queue(self, text: str) -> QueueDetail:
         """A queue by id or key; QueueNotFound otherwise."""
@@ -280,6 +282,11 @@ class Steering:
         ids = change.get("queues")
         if isinstance(ids, list):
             await self._refresh([i for i in ids[:10_000] if type(i) is int])
+        portals = change.get("portals")
+        if isinstance(portals, list) and self.on_portal is not None:
+            for portal_id in portals[:1_000]:
+                if type(portal_id) is int:
+                    await self.on_portal(portal_id)
 
     async def reload_all(self) -> None:
         """Reload every config and every queue this instance tracks (the backstop)."""

@@ -20,7 +20,7 @@ import structlog
 
 from throttled import metrics
 from throttled.crypto import CryptoError, KeyRing
-from throttled.db.repository import PortalRow, Repository
+from throttled.db.repository import DatabaseError, PortalRow, Repository
 from throttled.health import Health
 from throttled.hubspot.client import TokenError
 from throttled.hubspot.oauth import Grant, OAuth, OAuthRefused, TokenInfo
@@ -166,7 +166,28 @@ class Tokens:
         self._down.pop(portal_id, None)
         self.health.connected(portal_id)
         log.info("portal_connected", portal_id=portal_id)
+        await self._announce(portal_id)
         if self.on_connected is not None:
+            await self.on_connected(portal_id)
+
+    async def _announce(self, portal_id: int) -> None:
+        """Tell the other processes (the daemons, when the CLI connected or disconnected a
+        portal) to read the portal's connection again now, not at their next recheck."""
+        try:
+            await self._repo.announce({"portals": [portal_id]})
+        except DatabaseError as exc:  # (they find out at their recheck)
+            log.warning("portal_change_not_announced", portal_id=portal_id, error=str(exc))
+
+    async def reread(self, portal_id: int) -> None:
+        """Another process connected or disconnected the portal: forget what is known of it
+        here, so the next call reads it from the database (and a connection wakes its
+        rows)."""
+        self._cache.pop(portal_id, None)
+        self._stale.pop(portal_id, None)
+        self._down.pop(portal_id, None)
+        row = await self._repo.get_portal(portal_id)
+        if row is not None and row.refresh_token is not None and self.on_connected is not None:
+            self.health.connected(portal_id)
             await self.on_connected(portal_id)
 
     async def disconnect(self, portal_id: int, reason: str, *, revoke: bool = True) -> bool:
@@ -187,6 +208,7 @@ class Tokens:
         await self._repo.disconnect_portal(portal_id, reason)
         self._forget(portal_id, reason)
         log.info("portal_disconnected", portal_id=portal_id, reason=reason, revoked=revoked)
+        await self._announce(portal_id)
         return revoked
 
     def _forget(self, portal_id: int, reason: str) -> None:
