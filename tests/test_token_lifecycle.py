@@ -335,8 +335,8 @@ async def test_a_portal_connected_or_disconnected_elsewhere_is_taken_up_at_once(
                 row = conn.execute(
                     "SELECT state, last_error FROM actions WHERE callback_id = %s", (callback_id,)
                 ).fetchone()
-                return row is not None and row[0] == "pending" and (row[1] or "").startswith(
-                    "waiting"
+                return (
+                    row is not None and row[0] == "pending" and (row[1] or "").startswith("waiting")
                 )
 
             await wait_for(lambda: waiting(first["callbackId"]))
