@@ -121,7 +121,7 @@ async def test_hubspot_500s_then_timeouts_lose_nothing_and_burst_nothing_after(
         actions=len(ids),
         lost=len(set(ids) - fake.completed.keys()),
         failed_500=sum(1 for r in fake.received if r.status == 500),
-        timed_out_requests=proxy.accepted,  # (connections opened through the proxy)
+        connections_through_proxy=proxy.accepted,
         states=await states(db_url, payloads),
         **wire(fake, payloads),
         requests_after_recovery=len(after),
