@@ -281,7 +281,9 @@ async def test_rows_of_a_claim_whose_answer_was_lost_are_released_and_sent(
     # rows are claimed in the database and held by nobody.
     async with behind_proxy() as daemon:
         await daemon.connect_portal(fake_hubspot, PORTAL)
-        db.execute(SLOW_CLAIM)
+        # (off the loop: CREATE TRIGGER waits for the daemon's transactions on actions, and
+        # they can only end while the loop runs)
+        await asyncio.to_thread(db.execute, SLOW_CLAIM)
         db.execute("INSERT INTO slow_claim DEFAULT VALUES")
         payload = action_payload(portal_id=PORTAL)
         assert (await daemon.post_action(payload))[0] == 200
