@@ -244,7 +244,6 @@ async def test_maintain_once_runs_every_job_and_counts_what_they_did(daemon_fact
             "retention",
             "rate_log",
             "deadlines",
-            "idle_queues",
         ]
         assert done["expiry"] == {"expired": 2}
         assert HOUSEKEEPING.values.get("expiry.expired", 0.0) == before + 2

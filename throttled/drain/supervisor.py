@@ -3,9 +3,9 @@
 Who owns what:
 - The supervisor owns the set of queues it knows (`queues`: identity, policy, limiter,
   paused) and the set of running queue coroutines (their Signals). An idle queue has no
-  coroutine and costs nothing but its entry, until its rate log no longer counts: then
-  housekeeping forgets it (`forget_idle`), and work arriving for it loads it again from the
-  database with its rate log, as at start.
+  coroutine and costs nothing but its entry; `forget_idle` drops the entries of idle queues
+  whose rate log no longer counts (work arriving for one loads it again from the database
+  with its rate log, as at start). Not scheduled yet: see its docstring.
 - A queue's coroutine (queue_loop.drain_queue) owns its progress, as locals: when it wakes,
   what it claims, whether rows may wait out a backoff.
 - The claimer owns the claim statements under way; a portal's sender owns the rows handed to
@@ -124,7 +124,9 @@ class Supervisor:
         """Forget the queues with nothing to do (no coroutine, no rows in a sender, not
         paused or releasing) whose last send left every window `after_s` ago, a slice a loop
         step; how many. Work for one later loads it again (notify: unknown), with its rate
-        log from the database, which is then empty of it (or all but): the same state."""
+        log from the database, which is then empty of it (or all but): the same state.
+        Not run by housekeeping yet: run there, it once forgot a queue the deadline check had
+        just reported at risk (its entry gone under `at_risk`), which is not understood."""
         quiet_at = now - after_s
         forgotten = 0
         async for queue in in_steps(list(self.queues.values()), FORGET_SLICE):

@@ -8,8 +8,6 @@
 - `rate_log`: rate-log entries no queue's window can still see are pruned.
 - `deadlines`: queues whose backlog will not drain before its block expiration (the
   scheduler's `at_risk`, which the health monitor alerts on).
-- `idle_queues`: queues with nothing to do whose rate log no longer counts are forgotten
-  (loaded again when work arrives for them).
 """
 
 from __future__ import annotations
@@ -18,15 +16,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from throttled.config import Config
-from throttled.housekeeping import (
-    deadlines,
-    expiry,
-    idle_queues,
-    rate_log,
-    retention,
-    runner,
-    stale_claims,
-)
+from throttled.housekeeping import deadlines, expiry, rate_log, retention, runner, stale_claims
 from throttled.housekeeping.runner import Counts, Job
 
 if TYPE_CHECKING:
@@ -44,7 +34,6 @@ def default_jobs(config: Config) -> list[Job]:
         Job(name="retention", interval_s=r.interval_s, run_once=retention.run_once),
         Job(name="rate_log", interval_s=r.prune_interval_s, run_once=rate_log.run_once),
         Job(name="deadlines", interval_s=r.deadline_interval_s, run_once=deadlines.run_once),
-        Job(name="idle_queues", interval_s=idle_queues.INTERVAL_S, run_once=idle_queues.run_once),
     ]
 
 
