@@ -19,7 +19,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -580,7 +580,9 @@ def _broken_requests(known: dict[str, Any]) -> list[Any]:
 async def test_error_bodies_hold_no_stack_trace_sql_or_secret(pg_server_url, db_url, fake_hubspot):
     name = urlsplit(db_url).path.lstrip("/")
     parts = urlsplit(with_database(pg_server_url, name))
-    secret_url = f"postgresql://postgres:{PASSWORD}@{parts.hostname}:{parts.port}/{name}"
+    # (the password put into the URL as it is, host, port and ?host= of a Unix socket kept)
+    where = parts.netloc.rpartition("@")[2]
+    secret_url = urlunsplit(parts._replace(netloc=f"postgres:{PASSWORD}@{where}"))
     cfg = make_config(secret_url, fake_hubspot.base_url, retention={"interval_s": 86_400}, **ADMIN)
     key = cfg.security.encryption_key.reveal()
     hidden = [CLIENT_SECRET, TOKEN, HASHED, key, PASSWORD]
